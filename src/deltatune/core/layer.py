@@ -1,0 +1,316 @@
+"""The one wrapper layer: every adapter lifecycle rule lives here, once.
+
+A method contributes a :class:`Delta` per adapted layer. A delta either *adds* to the weight
+(``delta_weight()`` and a fast ``delta_out(x)`` = x·ΔWᵀ) or *transforms* it (``transform(W)`` and
+``inverse(W')``; BAT). The wrapper composes them:
+
+    W_eff = T_k(…T_1(W)) + Σ_additive ΔW_a            (active adapters, in activation order)
+
+and keeps that equation true through merge (``W ← W_eff``), unmerge (LIFO inverse), disable and
+delete. The wrapped module stays reachable as ``base_layer`` so checkpoint keys such as
+``q_proj.base_layer.bias`` match PEFT's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .targeting import is_conv1d
+
+BASE_NAME = "__base__"  # per-sample adapter name meaning "no adapter" in mixed batches
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Geometry of the wrapped layer, in the (out, in) convention every delta works in."""
+
+    kind: str  # "linear" | "conv1d" (transformers Conv1D, weight stored (in, out)) | "conv2d"
+    in_features: int
+    out_features: int
+    weight_shape: tuple[int, ...]
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self.kind == "conv1d"
+
+    @staticmethod
+    def of(module: nn.Module) -> "LayerSpec":
+        if isinstance(module, nn.Linear):
+            return LayerSpec("linear", module.in_features, module.out_features, tuple(module.weight.shape))
+        if is_conv1d(module):
+            rows, cols = module.weight.shape  # Conv1D stores (in, out)
+            return LayerSpec("conv1d", rows, cols, tuple(module.weight.shape))
+        if isinstance(module, nn.Conv2d):
+            return LayerSpec("conv2d", module.in_channels, module.out_channels, tuple(module.weight.shape))
+        raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+class Delta(nn.Module):
+    """One adapter on one layer. Subclasses hold parameters named as PEFT names them, so
+    ``delta.state_dict()`` is already the checkpoint fragment of this layer."""
+
+    is_transform: ClassVar[bool] = False
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    # additive deltas -------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in (out, in) layout (for Conv2d: (out, in·kh·kw))."""
+        raise NotImplementedError
+
+    def delta_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x·ΔWᵀ for a batch; the default builds ΔW, methods override with their fast path."""
+        dw = self.delta_weight()
+        return F.linear(x.to(dw.dtype), dw)
+
+    # weight transforms -----------------------------------------------------
+    def transform(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transformed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x·T(W)ᵀ + bias; a method may override it with a leaner autograd."""
+        new = self.transform(weight)
+        return F.linear(x.to(new.dtype), new, None if bias is None else bias.to(new.dtype))
+
+    def has_nonfinite(self) -> bool:
+        return any(not torch.isfinite(p).all() for p in self.parameters() if p.is_floating_point())
+
+
+def merge_error(name: str) -> ValueError:
+    return ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base layer and any number of named adapters on it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = LayerSpec.of(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._trainable = True  # whether the active adapters train (False in inference mode)
+
+    # ------------------------------------------------------------ introspection
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return self.active_adapters
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # PEFT code reads per-adapter state as ``layer.<attr>[adapter]``; offer the same view.
+            adapters = self._modules.get("adapters")
+            if adapters is not None and any(name in d._parameters or name in d._buffers for d in adapters.values()):
+                return {k: getattr(d, name) for k, d in adapters.items() if hasattr(d, name)}
+            raise
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+    # ------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, delta: Delta) -> None:
+        self.adapters[name] = delta
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first.")
+        if name in self.adapters:
+            del self.adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def is_empty(self) -> bool:
+        return len(self.adapters) == 0
+
+    def set_adapter(self, names: str | list[str], trainable: bool = True) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.active_adapters = names
+        self._trainable = trainable
+        self._refresh_requires_grad()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+        self._refresh_requires_grad()
+
+    def _refresh_requires_grad(self) -> None:
+        for name, delta in self.adapters.items():
+            train = self._trainable and not self.disable_adapters and name in self.active_adapters
+            for p in delta.parameters():
+                p.requires_grad_(train)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self._forward_with(x, self.active_adapters, *args, **kwargs)
+
+    def _forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        deltas = [self.adapters[n] for n in names if n in self.adapters]
+        transforms = [d for d in deltas if d.is_transform]
+        if transforms:
+            weight = self._weight_oi().detach()
+            for d in transforms[:-1]:
+                weight = d.transform(weight)
+            if self.spec.kind == "conv2d":
+                out = self._apply_weight(x, transforms[-1].transform(weight))
+            else:
+                out = transforms[-1].transformed_linear(x, weight, self.base_layer.bias)
+            out = out.to(x.dtype)  # transforms compute in the adapter dtype; callers get the input's
+        else:
+            out = self.base_layer(x, *args, **kwargs)
+        for d in deltas:
+            if not d.is_transform:
+                out = out + d.delta_out(x).to(out.dtype)
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} samples"
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged; unmerge them first.")
+        out: Optional[torch.Tensor] = None
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            idx = torch.tensor(rows, device=x.device)
+            part = self._forward_with(x[idx], [] if name == BASE_NAME else [name], *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0],) + part.shape[1:])
+            out[idx] = part
+        assert out is not None
+        return out
+
+    def _weight_oi(self) -> torch.Tensor:
+        """The base weight as (out, in) (a view; Conv2d flattened to (out, in·kh·kw))."""
+        w = self.base_layer.weight
+        if self.spec.kind == "conv1d":
+            return w.T
+        if self.spec.kind == "conv2d":
+            return w.reshape(w.shape[0], -1)
+        return w
+
+    def _apply_weight(self, x: torch.Tensor, weight_oi: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.spec.kind == "conv2d":
+            w = weight_oi.reshape(self.spec.weight_shape)
+            return base._conv_forward(x, w.to(x.dtype), base.bias)
+        bias = base.bias
+        return F.linear(x, weight_oi.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    # ------------------------------------------------------------ merge / unmerge
+    def _merged_additive(self) -> Optional[torch.Tensor]:
+        total = None
+        for n in self.merged_adapters:
+            d = self.adapters[n]
+            if not d.is_transform:
+                dw = d.delta_weight().float()
+                total = dw if total is None else total + dw
+        return total
+
+    def _apply(self, weight: torch.Tensor, delta: Delta, invert: bool) -> torch.Tensor:
+        """New (out, in) fp32 weight after merging (or un-merging) ``delta`` into ``weight``."""
+        w = weight.float()
+        if not delta.is_transform:
+            dw = delta.delta_weight().float()
+            return w - dw if invert else w + dw
+        # keep W = T(W0) + A true, where A is the sum of merged additive deltas (see module doc)
+        added = self._merged_additive()
+        core = w if added is None else w - added
+        core = delta.inverse(core) if invert else delta.transform(core)
+        return (core if added is None else core + added).float()
+
+    def _write_weight(self, new_oi: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        new = new_oi.T if self.spec.kind == "conv1d" else new_oi.reshape(w.shape)
+        with torch.no_grad():
+            w.copy_(new.to(w.dtype))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
+        already = [n for n in names if n in self.merged_adapters]
+        if already and not todo:
+            warnings.warn("All adapters are already merged, nothing to do.")
+            return
+        if already:
+            warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally merging {','.join(todo)}.")
+        for name in todo:
+            new = self._apply(self._weight_oi(), self.adapters[name], invert=False)
+            if safe_merge and not torch.isfinite(new).all():
+                raise merge_error(name)
+            self._write_weight(new)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, keep: int = 0) -> None:
+        """Undo merges, newest first, until ``keep`` merged adapters remain."""
+        if not self.merged:
+            if keep == 0:
+                warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while len(self.merged_adapters) > keep:
+            name = self.merged_adapters.pop()  # LIFO: transforms do not commute
+            self._write_weight(self._apply(self._weight_oi(), self.adapters[name], invert=True))
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every ``nn.Parameter`` registered inside the block on the meta device (buffers stay
+    real: they are not in checkpoints, e.g. FourierFT positions). Used by ``low_cpu_mem_usage``."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]

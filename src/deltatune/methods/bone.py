@@ -1,0 +1,190 @@
+"""Bone (Block-Affine adaptation) and its BAT variant.
+
+Reference: J. Kang, "Bone: Block-Affine Adaptation of Large Language Models", arXiv:2409.15371
+(§3: Bone, block-affine transform; §3.2: BAT, "Block Affine Transformation"). Checkpoint format and
+maths of PEFT 0.18.1 (the last release with Bone; its successor is MiSS).
+
+Bone (``init_weights`` True/False) adds ΔW[o, i] = B[i mod r, o] with B = ``bone_block`` (r, out):
+the block Bᵀ tiled along the input axis. So x·ΔWᵀ = fold(x)·B where fold sums the r-wide chunks
+of x (zero-padded to a multiple of r).
+
+BAT (``init_weights="bat"``) transforms the weight blockwise, with B = ``bone_block`` (out/r, r, r):
+    W'_ij = W_ij (I + B_i) + B_i        (row block i, column block j)
+inverse: W_ij = (W'_ij − B_i)(I + B_i)⁻¹.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import CONFIG_REGISTRY, TunerConfig, check_positive_int
+from ..core.layer import Delta, LayerSpec
+from ..core.registry import register_method
+from ..core.tuner import AdapterModel
+
+
+@dataclass
+class BoneConfig(TunerConfig):
+    """Configuration of a Bone / BAT adapter (PEFT 0.18.1's ``BoneConfig``).
+
+    ``r`` is the block size; ``init_weights``: True (Bone, zeros: identity at init), False (Bone,
+    Kaiming-uniform block), ``"bat"`` (BAT, zeros: identity at init).
+    """
+
+    PEFT_TYPE: ClassVar[str] = "BONE"
+    CHECK_PATTERN_NEEDS_LAYERS: ClassVar[bool] = False
+
+    r: int = 64
+    init_weights: Union[bool, str] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("r", self.r)
+        if self.init_weights not in (True, False, "bat"):
+            raise ValueError(f"BoneConfig.init_weights must be True, False or 'bat', got {self.init_weights!r}")
+
+    @classmethod
+    def _convert_legacy(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Read PEFT's MiSS configs (the renamed Bone) as Bone where the variant maps."""
+        if str(data.get("peft_type")) != "MISS":
+            return data
+        variant = data.get("init_weights", True)
+        if variant == "mini":
+            raise ValueError(
+                "This is a MiSS adapter with init_weights='mini', which has no Bone equivalent; load it with PEFT's MissConfig"
+            )
+        if data.get("miss_dropout", 0.0):
+            warnings.warn(
+                f"MiSS miss_dropout={data['miss_dropout']} is dropped: Bone has no dropout (outputs in eval mode are unchanged)"
+            )
+        data = {k: v for k, v in data.items() if k not in ("miss_dropout", "mini_r")}
+        data["peft_type"] = "BONE"
+        return data
+
+
+def _fold(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Sum of the r-wide chunks of the last axis, zero-padded: (..., in) -> (..., r)."""
+    pad = (-x.shape[-1]) % r
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, r).sum(-2)  # (..., ceil(in/r), r) -> (..., r)
+
+
+class BoneDelta(Delta):
+    """Additive Bone block: ΔW = tile(Bᵀ) along the input axis."""
+
+    def __init__(self, spec: LayerSpec, r: int, init_weights: bool) -> None:
+        super().__init__(spec)
+        self.r = r
+        self.bone_block = nn.Parameter(torch.zeros(r, spec.out_features))  # (r, out)
+        if init_weights is False:
+            nn.init.kaiming_uniform_(self.bone_block, a=5**0.5)  # fan_in = out: U(±1/√out)
+
+    def delta_weight(self) -> torch.Tensor:
+        n_tiles = -(-self.spec.in_features // self.r)
+        return self.bone_block.T.repeat(1, n_tiles)[:, : self.spec.in_features]  # (out, in)
+
+    def delta_out(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.bone_block
+        return _fold(x.to(block.dtype), self.r) @ block  # (..., r) @ (r, out)
+
+
+def _bat_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """W' = W(I+B_i)+B_i blockwise, in one batched GEMM. weight (out, in), block (out/r, r, r)."""
+    ni, r, _ = block.shape
+    w = weight.to(block.dtype).reshape(ni, -1, r)  # (ni, r·nj, r): rows (k, j) of row block i
+    new = torch.baddbmm(w, w, block)  # W_ij + W_ij B_i
+    new = new.view(ni, r, -1, r) + block.unsqueeze(2)  # + B_i on every column block j
+    return new.reshape(weight.shape)
+
+
+class _BatLinear(torch.autograd.Function):
+    """y = x·W'ᵀ + bias without keeping W' (or any out×in tensor) between forward and backward.
+
+    Backward: grad_x = gy·W' (W' rebuilt, then freed), and with G = gyᵀx (out×in),
+    grad_B_i = Σ_j W_ijᵀ G_ij + Σ_j G_ij, one batched GEMM over row blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, block, bias):
+        w_new = _bat_weight(weight, block)
+        ctx.save_for_backward(x, weight, block)
+        ctx.has_bias = bias is not None
+        return F.linear(x.to(w_new.dtype), w_new, None if bias is None else bias.to(w_new.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, block = ctx.saved_tensors
+        ni, r, _ = block.shape
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(block.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(block.dtype)
+        gx = gb = gbias = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy2 @ _bat_weight(weight, block)).view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            g = gy2.T @ x2  # (out, in)
+            w = weight.to(block.dtype).reshape(ni, -1, r)
+            gb = torch.bmm(w.transpose(1, 2), g.view(ni, -1, r))  # Σ_j W_ijᵀ G_ij: (ni, r, r)
+            gb += g.view(ni, r, -1, r).sum(2)  # Σ_j G_ij
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gbias = gy2.sum(0)
+        return gx, None, gb, gbias
+
+
+class BatDelta(Delta):
+    """BAT weight transform W'_ij = W_ij(I + B_i) + B_i."""
+
+    is_transform: ClassVar[bool] = True
+
+    def __init__(self, spec: LayerSpec, r: int) -> None:
+        super().__init__(spec)
+        self.bone_block = nn.Parameter(torch.zeros(spec.out_features // r, r, r))  # (out/r, r, r)
+
+    def transform(self, weight: torch.Tensor) -> torch.Tensor:
+        return _bat_weight(weight, self.bone_block)
+
+    def inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        block = self.bone_block.float()
+        ni, r, _ = block.shape
+        eye = torch.eye(r, dtype=block.dtype, device=block.device)
+        core = weight.float().view(ni, r, -1, r) - block.unsqueeze(2)  # W'_ij − B_i
+        core = core.permute(0, 2, 1, 3)  # (ni, nj, r, r)
+        solved = torch.linalg.solve(eye + block.unsqueeze(1), core, left=False)  # X (I+B_i) = W'_ij − B_i
+        return solved.permute(0, 2, 1, 3).reshape(weight.shape)
+
+    def transformed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if weight.is_contiguous():
+            return _BatLinear.apply(x, weight.detach(), self.bone_block, bias)
+        return super().transformed_linear(x, weight, bias)
+
+
+class BoneModel(AdapterModel):
+    """Creates a Bone/BAT model from a pretrained model: ``BoneModel(model, config, "default")``."""
+
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+
+    def make_delta(self, config: BoneConfig, adapter_name: str, base_layer: nn.Module, spec: LayerSpec, key: str) -> Delta:
+        r = config.r
+        if config.init_weights == "bat":
+            if spec.in_features % r or spec.out_features % r:
+                raise ValueError(
+                    f"The weight matrix must be fully divisible into [r, r] blocks. Module '{key}' has "
+                    f"(out, in) = ({spec.out_features}, {spec.in_features}) and r = {r}."
+                )
+            return BatDelta(spec, r)
+        return BoneDelta(spec, r, config.init_weights)
+
+    def prepare_state_dict_for_load(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        # MiSS checkpoints store the same tensor as ``miss_block``
+        return {(k[: -len("miss_block")] + "bone_block" if k.endswith(".miss_block") else k): v for k, v in state_dict.items()}
+
+
+register_method(BoneConfig, BoneModel, prefix="bone_")
+# PEFT >= 0.19 renamed Bone to MiSS: its configs load here (see BoneConfig._convert_legacy)
+CONFIG_REGISTRY.setdefault("MISS", BoneConfig)

@@ -1,0 +1,333 @@
+"""``PeftModel``, its task wrappers and ``get_peft_model`` — PEFT's user-facing API.
+
+The wrapper owns the method-level model as ``base_model`` (so parameter names start with
+``base_model.model.``, as in PEFT) and adds checkpoint IO and adapter bookkeeping. Everything it
+does to layers goes through :class:`~deltatune.core.tuner.AdapterModel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any, Iterator, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import CONFIG_NAME, PeftConfig, TunerConfig
+from .core.layer import AdapterLayer
+from .core.modules_to_save import ModulesToSaveWrapper
+from .core.registry import method_for
+from .core.tuner import AdapterModel
+from .io.files import BIN_NAME, SAFETENSORS_NAME, atomic_write_text, ensure_dir, load_tensors, resolve_local_dir, save_tensors, write_model_card
+from .io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+
+SEQ_CLS_HEADS = ["classifier", "score"]
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, set):
+        return sorted(value)
+    return value
+
+
+class PeftModel(nn.Module):
+    """A base model with adapters. Built by :func:`get_peft_model` or :meth:`from_pretrained`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: TunerConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        self._prepare_config(peft_config)
+        method = method_for(peft_config.peft_type)
+        self.special_peft_forward_args = {"adapter_names"}
+        self.base_model: AdapterModel = method.model_cls(
+            model, {adapter_name: peft_config}, adapter_name,
+            low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing:
+            self._enable_input_grads(model)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "pretraining_tp"):
+            cfg.pretraining_tp = 1
+
+    def _prepare_config(self, config: TunerConfig) -> None:
+        """Task wrappers adjust the config here (sequence classification adds its head)."""
+
+    @staticmethod
+    def _enable_input_grads(model: nn.Module) -> None:
+        # with gradient checkpointing and a frozen embedding, the checkpointed blocks would see no
+        # input that requires grad and give the adapters no gradient
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, TunerConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        active = self.base_model.active_adapters
+        return active[-1] if active else ""
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def peft_type(self) -> str:
+        return next(iter(self.peft_config.values())).peft_type if self.peft_config else ""
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, peft_config: TunerConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+        if peft_config.peft_type != self.peft_type and self.peft_config:
+            raise ValueError(
+                f"Cannot combine adapters with different peft types. Found {self.peft_type} and {peft_config.peft_type}."
+            )
+        self._prepare_config(peft_config)
+        previous = self.base_model.autocast_adapter_dtype
+        self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            self.base_model.inject_adapter(self.base_model.model, adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        finally:
+            self.base_model.autocast_adapter_dtype = previous
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model without adapters inside the block; the previous state comes back after."""
+        states = {m.disable_adapters for m in self.base_model._lifecycle_modules()}
+        irregular = len(states) > 1
+        if irregular:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. "
+                "This is most likely unintentional. After exiting the disable_adapter context, all adapters will be enabled"
+            )
+        was_enabled = False in states
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            if was_enabled or irregular:
+                self.base_model.enable_adapter_layers()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: Optional[list[str]] = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as PEFT does: ``default`` in the folder, others in ``<folder>/<name>/``."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                f"{list(self.peft_config)} - got {unknown}."
+            )
+        if not is_main_process:
+            return
+        root = ensure_dir(save_directory)
+        for name in names:
+            folder = root if name == "default" else ensure_dir(root / name)
+            tensors = get_peft_model_state_dict(self.base_model, name)
+            weights = folder / (SAFETENSORS_NAME if safe_serialization else BIN_NAME)
+            save_tensors(tensors, weights, safe_serialization=safe_serialization)
+            stale = folder / (BIN_NAME if safe_serialization else SAFETENSORS_NAME)
+            if stale.exists():  # the loader prefers safetensors: never leave an older one beside new weights
+                stale.unlink()
+            data = {k: _json_ready(v) for k, v in self.base_model.config_for_save(name).items()}
+            data["inference_mode"] = True
+            base = self.get_base_model()
+            if data.get("base_model_name_or_path") is None:
+                data["base_model_name_or_path"] = getattr(base, "name_or_path", None) or None
+            if data.get("task_type") is None:
+                data["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+            import json
+
+            atomic_write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            write_model_card(str(folder), data.get("base_model_name_or_path"))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[TunerConfig] = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> "PeftModel":
+        folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
+        if config is None:
+            config = PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        wrapper = TASK_WRAPPERS.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            peft_model._load_weights(folder, adapter_name, low_cpu_mem_usage, kwargs.get("torch_device"))
+        except BaseException:
+            peft_model.base_model.delete_adapter(adapter_name)  # unwraps every module it had wrapped
+            model.__dict__.pop("peft_config", None)
+            for n, p in model.named_parameters():
+                p.requires_grad_(grad_flags.get(n, p.requires_grad))
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def _load_weights(self, folder: str, adapter_name: str, assign: bool, device: Any = None) -> None:
+        tensors = load_tensors(folder, device=device or "cpu")
+        set_peft_model_state_dict(self.base_model, tensors, adapter_name, assign=assign)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> LoadResult:
+        folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
+        config = PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            self._load_weights(folder, adapter_name, low_cpu_mem_usage, torch_device)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return LoadResult([], [])
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    def _prepare_config(self, config: TunerConfig) -> None:
+        # the head is new and must train and be saved with the adapter (PEFT extends the config too)
+        names = list(config.modules_to_save or [])
+        config.modules_to_save = names + [h for h in SEQ_CLS_HEADS if h not in names]
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    pass
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    def _prepare_config(self, config: TunerConfig) -> None:
+        names = list(config.modules_to_save or [])
+        config.modules_to_save = names + [h for h in ["qa_outputs"] if h not in names]
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+TASK_WRAPPERS: dict[Optional[str], type[PeftModel]] = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: TunerConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: Optional[str] = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``."""
+    if mixed:
+        raise NotImplementedError("deltatune has no PeftMixedModel: all adapters of a model share one peft_type")
+    if any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in model.modules()):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before."
+        )
+    prefix = method_for(peft_config.peft_type).prefix
+    if adapter_name in prefix:
+        warnings.warn(
+            f"Adapter name '{adapter_name}' should not be contained in the prefix '{prefix}'. "
+            "This may lead to reinitialization of the adapter weights during loading."
+        )
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
+    peft_config.base_model_name_or_path = name or None
+    if revision is not None:
+        peft_config.revision = revision
+    wrapper = TASK_WRAPPERS.get(peft_config.task_type, PeftModel)
+    return wrapper(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)

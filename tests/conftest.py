@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from models import MLP, mlp_input, tiny_gpt2, tiny_llama, token_input  # noqa: E402
+
+MODEL_BUILDERS = {
+    "mlp": (lambda: MLP(), lambda: {"x": mlp_input()}),
+    "llama": (lambda: tiny_llama(), lambda: {"input_ids": token_input()}),
+    "gpt2": (lambda: tiny_gpt2(), lambda: {"input_ids": token_input()}),
+}
+
+
+def build(kind: str):
+    """A fresh model and its inputs (seeded: two calls give identical weights)."""
+    torch.manual_seed(0)
+    make_model, make_inputs = MODEL_BUILDERS[kind]
+    return make_model().eval(), make_inputs()
+
+
+def out_of(model, inputs) -> torch.Tensor:
+    result = model(**inputs)
+    return result.logits if hasattr(result, "logits") else result
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    warnings.simplefilter("default")
+    yield

@@ -1,0 +1,287 @@
+"""Every lifecycle invariant, written once, run over every method case in cases.py."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import deltatune as dt
+from cases import CASES
+from conftest import build, out_of
+from models import randomize_adapters
+
+IDS = [c.id for c in CASES]
+
+
+def make(case, adapter_name="default", **kw):
+    base, inputs = build(case.model)
+    expected = out_of(base, inputs).detach()
+    model = dt.get_peft_model(base, case.config(), adapter_name=adapter_name, **kw)
+    return model, inputs, expected
+
+
+def trained(case):
+    model, inputs, expected = make(case)
+    randomize_adapters(model)
+    return model, inputs, expected
+
+
+def adapter_layers(model):
+    return [m for m in model.modules() if isinstance(m, dt.AdapterLayer)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_identity_at_init_where_promised(case):
+    model, inputs, expected = make(case)
+    out = out_of(model, inputs)
+    if case.identity:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    else:
+        assert not torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_trained_adapter_changes_output(case):
+    model, inputs, expected = trained(case)
+    assert not torch.allclose(out_of(model, inputs), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_equals_unmerged_and_unmerge_restores_weights(case):
+    model, inputs, _ = trained(case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = out_of(model, inputs)
+    model.merge_adapter()
+    assert all(layer.merged for layer in adapter_layers(model))
+    torch.testing.assert_close(out_of(model, inputs), out, atol=case.merge_atol, rtol=1e-4)
+    with pytest.warns(UserWarning, match="All adapters are already merged"):
+        model.merge_adapter()
+    model.unmerge_adapter()
+    assert not any(layer.merged for layer in adapter_layers(model))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_of(model, inputs), out, atol=case.merge_atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_and_unload_leaves_a_plain_model(case):
+    model, inputs, _ = trained(case)
+    out = out_of(model, inputs)
+    merged = model.merge_and_unload(progressbar=False, safe_merge=True)
+    assert not any(isinstance(m, (dt.AdapterLayer, dt.ModulesToSaveWrapper)) for m in merged.modules())
+    assert not hasattr(merged, "peft_config")
+    torch.testing.assert_close(out_of(merged, inputs), out, atol=case.merge_atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_unload_gives_back_the_base_model(case):
+    base, inputs = build(case.model)
+    reference = copy.deepcopy(base.state_dict())
+    expected = out_of(base, inputs)
+    model = dt.get_peft_model(base, case.config())
+    randomize_adapters(model)
+    model.merge_adapter()
+    plain = model.unload()
+    assert not any(isinstance(m, dt.AdapterLayer) for m in plain.modules())
+    if not case.config().modules_to_save:
+        assert set(plain.state_dict()) == set(reference)
+        torch.testing.assert_close(out_of(plain, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_disable_equals_base_and_context_restores(case):
+    model, inputs, expected = trained(case)
+    out = out_of(model, inputs)
+    with model.disable_adapter():
+        torch.testing.assert_close(out_of(model, inputs), expected, atol=1e-6, rtol=0)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters." in n)
+    torch.testing.assert_close(out_of(model, inputs), out)
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".adapters." in n)
+    # merged adapters are unmerged when disabled
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(out_of(model, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_only_adapter_parameters_train(case):
+    model, inputs, _ = trained(case)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    config = model.peft_config["default"]
+    for n in trainable:
+        ok = ".adapters.default." in n or ".modules_to_save.default." in n
+        if config.bias != "none":
+            ok = ok or n.endswith(".bias")
+        assert ok, n
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        out_of(model, inputs).float().pow(2).mean().backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.allclose(p, before[n], atol=1e-7)
+        if n in trainable and (".adapters." in n or ".modules_to_save." in n):
+            assert changed, f"{n} did not train"
+        if n not in trainable:
+            assert not changed, f"{n} changed but is frozen"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_two_adapters_activate_switch_delete(case):
+    model, inputs, expected = trained(case)
+    out_default = out_of(model, inputs)
+    second = case.config()
+    second.bias = "none"  # only one adapter may train biases
+    model.add_adapter("other", second)
+    assert model.active_adapters == ["default"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+    torch.testing.assert_close(out_of(model, inputs), out_default)  # a new adapter is not active
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters.other." in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    model.set_adapter("other")
+    assert model.active_adapters == ["other"]
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".adapters.other." in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapters.default." in n)
+    out_other = out_of(model, inputs)
+    assert not torch.allclose(out_other, out_default, atol=1e-5)
+    if case.config().modules_to_save:
+        with pytest.raises(ValueError, match="Attempted to set multiple"):
+            model.base_model.set_adapter(["default", "other"])
+        model.base_model.set_adapter(["other"])
+        model.merge_adapter()
+    else:
+        model.base_model.set_adapter(["default", "other"])
+        out_both = out_of(model, inputs)
+        model.merge_adapter()
+        torch.testing.assert_close(out_of(model, inputs), out_both, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['other'\] while they are merged"):
+        model.delete_adapter("other")
+    model.unmerge_adapter()
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, (dict, list)):
+                assert "other" not in value
+    assert not any(".other." in n for n in model.state_dict())
+    assert model.active_adapters == ["default"]
+    torch.testing.assert_close(out_of(model, inputs), out_default, atol=1e-4, rtol=1e-4)
+    model.delete_adapter("default")
+    assert model.active_adapters == []
+    assert not adapter_layers(model)
+    torch.testing.assert_close(out_of(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="Adapter unknown does not exist"):
+        model.delete_adapter("unknown")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_save_then_load_gives_the_same_outputs(case, tmp_path):
+    model, inputs, _ = trained(case)
+    second = case.config()
+    second.bias = "none"
+    model.add_adapter("second", second)
+    out = out_of(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    assert (tmp_path / "second" / "adapter_config.json").exists()
+    assert "library_name: peft" in (tmp_path / "README.md").read_text()
+    assert not (tmp_path / "model.safetensors").exists()
+    base, _ = build(case.model)
+    loaded = dt.PeftModel.from_pretrained(base, tmp_path)
+    assert loaded.peft_config["default"].inference_mode
+    assert not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(out_of(loaded, inputs), out, atol=1e-6, rtol=1e-6)
+    loaded.load_adapter(tmp_path / "second", adapter_name="second")
+    assert set(loaded.peft_config) == {"default", "second"}
+    ref = dt.get_peft_model_state_dict(model.base_model, "second")
+    got = dt.get_peft_model_state_dict(loaded.base_model, "second")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # trainable reload
+    base, _ = build(case.model)
+    again = dt.PeftModel.from_pretrained(base, tmp_path, is_trainable=True, low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in again.parameters())
+    assert any(p.requires_grad for p in again.parameters())
+    torch.testing.assert_close(out_of(again, inputs), out, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bfloat16_base_keeps_output_dtype_and_fp32_adapters(case):
+    base, inputs = build(case.model)
+    base = base.to(torch.bfloat16)
+    if "x" in inputs:
+        inputs = {"x": inputs["x"].to(torch.bfloat16)}
+    model = dt.get_peft_model(base, case.config())
+    randomize_adapters(model)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".adapters." in n)
+    out = out_of(model, inputs)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    model.merge_adapter(safe_merge=True)
+    model.unmerge_adapter()
+    no_cast = dt.get_peft_model(build(case.model)[0].to(torch.bfloat16), case.config(), autocast_adapter_dtype=False)
+    assert all(p.dtype == torch.bfloat16 for n, p in no_cast.named_parameters() if ".adapters." in n)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_safe_merge_refuses_nan_without_touching_weights(case):
+    model, inputs, _ = trained(case)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if ".adapters." in n).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"):
+        model.merge_and_unload(safe_merge=True)
+    after = model.state_dict()
+    for k, v in before.items():
+        if ".adapters." not in k:
+            assert torch.equal(after[k], v), k
+    assert not any(layer.merged for layer in adapter_layers(model))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_failed_load_leaves_the_model_untouched(case, tmp_path):
+    model, inputs, _ = trained(case)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = torch.zeros(3, 3)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    base, _ = build(case.model)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    expected = out_of(base, inputs)
+    with pytest.raises(dt.CheckpointError, match=f"shape mismatch for {key}"):
+        dt.PeftModel.from_pretrained(base, tmp_path)
+    assert set(base.state_dict()) == set(reference)
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in reference.items())
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == grads
+    assert not hasattr(base, "peft_config")
+    torch.testing.assert_close(out_of(base, inputs), expected)
+    # the same through load_adapter on a live model: the existing adapter keeps working
+    out = out_of(model, inputs)
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError):  # CheckpointError, or the one-adapter-with-bias rule
+        model.load_adapter(tmp_path, adapter_name="broken")
+    assert set(model.state_dict()) == keys and "broken" not in model.peft_config
+    torch.testing.assert_close(out_of(model, inputs), out)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adapter_name_makes_no_difference(case):
+    a, inputs, _ = make(case)
+    b, _, _ = make(case, adapter_name="custom")
+    randomize_adapters(a)
+    randomize_adapters(b)
+    assert any(".custom." in n for n, _ in b.named_parameters())
+    torch.testing.assert_close(out_of(a, inputs), out_of(b, inputs))
+    ka = dt.get_peft_model_state_dict(a.base_model, "default")
+    kb = dt.get_peft_model_state_dict(b.base_model, "custom")
+    assert ka.keys() == kb.keys()
