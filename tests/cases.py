@@ -22,7 +22,7 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-CASES: list[Case] = [
+BONE_CASES: list[Case] = [
     Case("bone-lin0", lambda: dt.BoneConfig(r=2, target_modules=["lin0"])),
     Case("bone-both", lambda: dt.BoneConfig(r=3, target_modules=["lin0", "lin1"])),
     Case("bone-kaiming", lambda: dt.BoneConfig(r=4, target_modules=["lin0", "lin1"], init_weights=False), identity=False),
@@ -36,3 +36,17 @@ CASES: list[Case] = [
     Case("bone-llama-all-linear", lambda: dt.BoneConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"), model="llama"),
     Case("bat-llama", lambda: dt.BoneConfig(r=8, init_weights="bat", task_type="CAUSAL_LM"), model="llama"),
 ]
+
+
+def _collect() -> list[Case]:
+    """Bone's cases plus every ``CASES`` list in tests/cases_<method>.py (one file per method)."""
+    import importlib
+    import pathlib
+
+    cases = list(BONE_CASES)
+    for path in sorted(pathlib.Path(__file__).parent.glob("cases_*.py")):
+        cases.extend(importlib.import_module(path.stem).CASES)
+    return cases
+
+
+CASES = _collect()

@@ -95,6 +95,10 @@ class AdapterModel(nn.Module):
         """Rewrite a checkpoint into this library's canonical keys (legacy layouts, resizing)."""
         return state_dict
 
+    def prepare_state_dict_for_save(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Rewrite this library's canonical state dict into what the checkpoint holds (AdaLoRA prunes)."""
+        return state_dict
+
     def config_for_save(self, adapter_name: str) -> dict[str, Any]:
         return self.peft_config[adapter_name].to_dict()
 

@@ -58,7 +58,9 @@ def adapter_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
 
 
 def get_peft_model_state_dict(tuner: "AdapterModel", adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    return {key: getattr(owner, attr).detach() for key, (owner, attr) in adapter_slots(tuner, adapter_name).items()}
+    """The checkpoint of ``adapter_name``: PEFT's keys and, after the method's save hook, PEFT's tensors."""
+    state = {key: getattr(owner, attr).detach() for key, (owner, attr) in adapter_slots(tuner, adapter_name).items()}
+    return tuner.prepare_state_dict_for_save(state, adapter_name)
 
 
 def set_peft_model_state_dict(
