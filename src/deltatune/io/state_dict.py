@@ -10,6 +10,7 @@ checkpoint leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,23 +38,32 @@ def _module_slots(prefix: str, module: nn.Module) -> Slots:
 
 def adapter_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
     """Every tensor the checkpoint of ``adapter_name`` holds, keyed as PEFT keys it."""
-    config = tuner.peft_config[adapter_name]
     slots: Slots = {}
     for path, module in tuner.model.named_modules():
         prefix = f"{MODEL_PREFIX}{path}."
         if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
             slots.update(_module_slots(prefix, module.adapters[adapter_name]))
-            if config.bias.endswith("_only") and module.base_layer.bias is not None:
-                slots[prefix + "base_layer.bias"] = (module.base_layer, "bias")
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             slots.update(_module_slots(prefix, module.modules_to_save[adapter_name]))
-    if config.bias == "all":
+    slots.update(bias_slots(tuner, adapter_name))
+    slots.update(tuner.extra_tensor_slots(adapter_name))
+    return slots
+
+
+def bias_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
+    """The base biases an adapter trains (``bias="all"`` or ``"<method>_only"``)."""
+    config = tuner.peft_config[adapter_name]
+    slots: Slots = {}
+    if config.bias.endswith("_only"):
+        for path, module in tuner.model.named_modules():
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapters and module.base_layer.bias is not None:
+                slots[f"{MODEL_PREFIX}{path}.base_layer.bias"] = (module.base_layer, "bias")
+    elif config.bias == "all":
         for name, _ in tuner.model.named_parameters():
             frozen_copy = any(part in name for part in (".adapters.", ".modules_to_save.", ".original_module."))
             if (name == "bias" or name.endswith(".bias")) and not frozen_copy:
                 owner, _, attr = name.rpartition(".")
                 slots[MODEL_PREFIX + name] = (tuner.model.get_submodule(owner), attr)
-    slots.update(tuner.extra_tensor_slots(adapter_name))
     return slots
 
 
@@ -71,6 +81,16 @@ def set_peft_model_state_dict(
     slots = adapter_slots(tuner, adapter_name)
     unexpected = sorted(set(state_dict) - set(slots))
     missing = sorted(set(slots) - set(state_dict))
+    # PEFT saves trained biases only for LoRA-family methods: its Bone/FourierFT/RandLoRA files lack them
+    no_bias = [k for k in missing if k in bias_slots(tuner, adapter_name)]
+    if no_bias:
+        warnings.warn(
+            f"The checkpoint of adapter '{adapter_name}' holds no biases although its config says bias="
+            f"{tuner.peft_config[adapter_name].bias!r} (PEFT does not save them for this method); the base "
+            f"model's biases are kept for {_show(no_bias)}"
+        )
+        missing = [k for k in missing if k not in no_bias]
+        slots = {k: v for k, v in slots.items() if k not in no_bias}
     problems: list[str] = []
     if missing:
         problems.append(f"missing keys {_show(missing)}")
