@@ -95,45 +95,89 @@ class BoneDelta(Delta):
         return _fold(x.to(block.dtype), self.r) @ block  # (..., r) @ (r, out)
 
 
-def _bat_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """W' = W(I+B_i)+B_i blockwise, in one batched GEMM. weight (out, in), block (out/r, r, r)."""
+def _bat_core(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """W_ij (I + B_i) for every block, as one batched GEMM. weight (out, in), block (out/r, r, r)."""
     ni, r, _ = block.shape
+    eye = torch.eye(r, dtype=block.dtype, device=block.device)
     w = weight.to(block.dtype).reshape(ni, -1, r)  # (ni, r·nj, r): rows (k, j) of row block i
-    new = torch.baddbmm(w, w, block)  # W_ij + W_ij B_i
-    new = new.view(ni, r, -1, r) + block.unsqueeze(2)  # + B_i on every column block j
-    return new.reshape(weight.shape)
+    return torch.bmm(w, block + eye).reshape(weight.shape)
+
+
+def _bat_weight(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """W' = W_ij (I + B_i) + B_i: the transformed weight (merge, and the generic path)."""
+    ni, r, _ = block.shape
+    new = _bat_core(weight, block)
+    new.view(ni, r, -1, r).add_(block.unsqueeze(2))  # + B_i on every column block j
+    return new
+
+
+def _row_chunks(ni: int, r: int, in_features: int, elements: int = 1 << 21) -> list[tuple[int, int]]:
+    """Ranges of row blocks whose slice of W holds about ``elements`` numbers (8 MiB in fp32)."""
+    per = max(1, elements // (r * in_features))
+    return [(a, min(a + per, ni)) for a in range(0, ni, per)]
 
 
 class _BatLinear(torch.autograd.Function):
-    """y = x·W'ᵀ + bias without keeping W' (or any out×in tensor) between forward and backward.
+    """y = x·W'ᵀ + bias with W' = W(I+B) + tile(B), streamed over row-block chunks of W.
 
-    Backward: grad_x = gy·W' (W' rebuilt, then freed), and with G = gyᵀx (out×in),
-    grad_B_i = Σ_j W_ijᵀ G_ij + Σ_j G_ij, one batched GEMM over row blocks.
+    No out×in tensor is ever allocated: each chunk of W(I+B) is built in one small reused buffer
+    and consumed at once, in the forward and again in the backward. The tiled B_i term never
+    becomes a matrix: x·tile(B)ᵀ = fold(x)·B_iᵀ. Gradients, with G = gyᵀx taken chunk by chunk:
+        grad_x = gy·W(I+B) + tile(Σ_i gy_i B_i)
+        grad_B_i = Σ_j W_ijᵀ G_ij + gy_iᵀ fold(x)
     """
 
     @staticmethod
     def forward(ctx, x, weight, block, bias):
-        w_new = _bat_weight(weight, block)
+        ni, r, _ = block.shape
+        dtype = block.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+        wv = weight.to(dtype).reshape(ni, -1, r)  # (ni, r·nj, r)
+        scale = block + torch.eye(r, dtype=dtype, device=block.device)  # I + B_i
+        y_t = x2.new_empty(weight.shape[0], x2.shape[0])  # (out, T)
+        buf = None
+        for a, b in _row_chunks(ni, r, weight.shape[1]):
+            core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
+            buf = core if buf is None else buf
+            torch.mm(core.view((b - a) * r, -1), x2.T, out=y_t[a * r : b * r])  # W(I+B) rows · xᵀ
+        y = y_t.T + _fold(x2, r) @ block.reshape(-1, r).T  # + fold(x)·B_iᵀ: (T, out)
+        if bias is not None:
+            y = y + bias.to(dtype)
         ctx.save_for_backward(x, weight, block)
         ctx.has_bias = bias is not None
-        return F.linear(x.to(w_new.dtype), w_new, None if bias is None else bias.to(w_new.dtype))
+        return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, block = ctx.saved_tensors
         ni, r, _ = block.shape
-        gy2 = gy.reshape(-1, gy.shape[-1]).to(block.dtype)
-        x2 = x.reshape(-1, x.shape[-1]).to(block.dtype)
-        gx = gb = gbias = None
-        if ctx.needs_input_grad[0]:
-            gx = (gy2 @ _bat_weight(weight, block)).view(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            g = gy2.T @ x2  # (out, in)
-            w = weight.to(block.dtype).reshape(ni, -1, r)
-            gb = torch.bmm(w.transpose(1, 2), g.view(ni, -1, r))  # Σ_j W_ijᵀ G_ij: (ni, r, r)
-            gb += g.view(ni, r, -1, r).sum(2)  # Σ_j G_ij
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            gbias = gy2.sum(0)
+        dtype = block.dtype
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(dtype)  # (T, out)
+        gy_t = gy2.T.contiguous()  # (out, T): row chunks are contiguous
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+        wv = weight.to(dtype).reshape(ni, -1, r)
+        want_x, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        gx = x2.new_zeros(x2.shape) if want_x else None
+        gb = torch.empty_like(block) if want_b else None
+        scale = block + torch.eye(r, dtype=dtype, device=block.device)
+        buf = None
+        for a, b in _row_chunks(ni, r, weight.shape[1]):
+            rows = slice(a * r, b * r)
+            if want_x:
+                core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
+                buf = core if buf is None else buf
+                gx.addmm_(gy_t[rows].T, core.view((b - a) * r, -1))  # gy_c · W(I+B)_c
+            if want_b:
+                g = torch.mm(gy_t[rows], x2, out=None if buf is None else buf[: b - a].view((b - a) * r, -1))
+                buf = g.view(b - a, -1, r) if buf is None else buf
+                torch.bmm(wv[a:b].transpose(1, 2), g.view(b - a, -1, r), out=gb[a:b])  # Σ_j W_ijᵀ G_ij
+        if want_x:
+            g_fold = gy2 @ block.reshape(-1, r)  # Σ_i gy_i B_i: (T, r)
+            gx.view(gx.shape[0], -1, r).add_(g_fold.unsqueeze(1))
+            gx = gx.view(x.shape).to(x.dtype)
+        if want_b:
+            gb += (gy_t @ _fold(x2, r)).view_as(block)  # gy_iᵀ fold(x)
+        gbias = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return gx, None, gb, gbias
 
 
