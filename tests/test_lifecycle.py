@@ -285,3 +285,18 @@ def test_adapter_name_makes_no_difference(case):
     ka = dt.get_peft_model_state_dict(a.base_model, "default")
     kb = dt.get_peft_model_state_dict(b.base_model, "custom")
     assert ka.keys() == kb.keys()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_inference_path_follows_every_parameter_change(case):
+    model, inputs, _ = trained(case)
+    with torch.no_grad():
+        first = out_of(model, inputs)  # may build an inference cache
+    torch.testing.assert_close(first, out_of(model, inputs), atol=1e-5, rtol=1e-5)  # grad path, no cache
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters." in n:
+                p.mul_(1.5)
+        cached = out_of(model, inputs)
+    torch.testing.assert_close(cached, out_of(model, inputs), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached, first, atol=1e-6)

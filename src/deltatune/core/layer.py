@@ -57,6 +57,10 @@ class Delta(nn.Module):
     ``delta.state_dict()`` is already the checkpoint fragment of this layer."""
 
     is_transform: ClassVar[bool] = False
+    # Whether inference (no gradient wanted) should fold this delta into a cached effective weight
+    # (one GEMM per call instead of the adapter path). Worth it where the adapter path costs about
+    # a GEMM itself (FourierFT, RandLoRA, BAT); not for a cheap low-rank path.
+    cache_in_inference: ClassVar[bool] = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__()
@@ -104,6 +108,8 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self._trainable = True  # whether the active adapters train (False in inference mode)
+        self.inference_cache = True  # see Delta.cache_in_inference; costs one weight copy while used
+        self._cache: Optional[tuple[tuple, torch.Tensor]] = None
 
     # ------------------------------------------------------------ introspection
     @property
@@ -183,9 +189,47 @@ class AdapterLayer(nn.Module):
             return self._mixed_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs and self._cache_applies():
+            return self._cached_forward(x)
+        self._cache = None  # training again: do not hold the inference copy
         return self._forward_with(x, self.active_adapters, *args, **kwargs)
 
+    # ------------------------------------------------------------ inference cache
+    def _active_deltas(self) -> list[Delta]:
+        return [self.adapters[n] for n in self.active_adapters if n in self.adapters]
+
+    def _cache_applies(self) -> bool:
+        if not self.inference_cache or self.spec.kind == "conv2d":
+            return False
+        deltas = self._active_deltas()
+        if not deltas or not any(d.cache_in_inference for d in deltas):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not self.base_layer.weight.requires_grad and not any(p.requires_grad for d in deltas for p in d.parameters())
+
+    def _cached_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x·W_effᵀ + b with W_eff = T…(W) + ΣΔW built once and reused until a parameter changes
+        (tensor version counters see optimizer steps, merges and loads)."""
+        deltas = self._active_deltas()
+        w = self.base_layer.weight
+        key = (tuple(self.active_adapters), id(w), w._version) + tuple(
+            (id(p), p._version) for d in deltas for p in d.parameters()
+        )
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                eff = self._weight_oi().float()
+                for d in deltas:
+                    if d.is_transform:
+                        eff = d.transform(eff).float()
+                for d in deltas:
+                    if not d.is_transform:
+                        eff = eff + d.delta_weight().float()
+            self._cache = (key, eff.to(w.dtype).contiguous())
+        return F.linear(x.to(w.dtype), self._cache[1], self.base_layer.bias).to(x.dtype)
+
     def _forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The unmerged forward with the adapters ``names`` active."""
         deltas = [self.adapters[n] for n in names if n in self.adapters]
         transforms = [d for d in deltas if d.is_transform]
         if transforms:
@@ -249,7 +293,7 @@ class AdapterLayer(nn.Module):
                 total = dw if total is None else total + dw
         return total
 
-    def _apply(self, weight: torch.Tensor, delta: Delta, invert: bool) -> torch.Tensor:
+    def _compose(self, weight: torch.Tensor, delta: Delta, invert: bool) -> torch.Tensor:
         """New (out, in) fp32 weight after merging (or un-merging) ``delta`` into ``weight``."""
         w = weight.float()
         if not delta.is_transform:
@@ -280,7 +324,7 @@ class AdapterLayer(nn.Module):
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally merging {','.join(todo)}.")
         for name in todo:
-            new = self._apply(self._weight_oi(), self.adapters[name], invert=False)
+            new = self._compose(self._weight_oi(), self.adapters[name], invert=False)
             if safe_merge and not torch.isfinite(new).all():
                 raise merge_error(name)
             self._write_weight(new)
@@ -295,7 +339,7 @@ class AdapterLayer(nn.Module):
             return
         while len(self.merged_adapters) > keep:
             name = self.merged_adapters.pop()  # LIFO: transforms do not commute
-            self._write_weight(self._apply(self._weight_oi(), self.adapters[name], invert=True))
+            self._write_weight(self._compose(self._weight_oi(), self.adapters[name], invert=True))
 
 
 @contextlib.contextmanager

@@ -185,6 +185,7 @@ class BatDelta(Delta):
     """BAT weight transform W'_ij = W_ij(I + B_i) + B_i."""
 
     is_transform: ClassVar[bool] = True
+    cache_in_inference: ClassVar[bool] = True  # the transform costs a quarter GEMM per call
 
     def __init__(self, spec: LayerSpec, r: int) -> None:
         super().__init__(spec)
