@@ -9,7 +9,9 @@ from .core.targeting import NoMatchingModuleError  # noqa: E402
 from .core.tuner import AdapterModel, UnsupportedModuleError  # noqa: E402
 from .io.files import CheckpointError  # noqa: E402
 from .io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from .methods.adalora import AdaLoraConfig, AdaLoraModel, orthogonal_regularization  # noqa: E402
 from .methods.bone import BoneConfig, BoneModel  # noqa: E402
+from .methods.fourierft import FourierFTConfig, FourierFTModel  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -22,7 +24,8 @@ from .peft_model import (  # noqa: E402
 )
 
 __all__ = [
-    "AdapterLayer", "AdapterModel", "BoneConfig", "BoneModel", "CheckpointError", "Delta", "ModulesToSaveWrapper",
+    "AdaLoraConfig", "AdaLoraModel", "orthogonal_regularization",
+    "AdapterLayer", "AdapterModel", "BoneConfig", "BoneModel", "CheckpointError", "Delta", "FourierFTConfig", "FourierFTModel", "ModulesToSaveWrapper",
     "NoMatchingModuleError", "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "TunerConfig", "UnsupportedModuleError", "get_peft_model",
