@@ -14,6 +14,7 @@ delete. The wrapped module stays reachable as ``base_layer`` so checkpoint keys 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Optional
@@ -88,8 +89,19 @@ class Delta(nn.Module):
         new = self.transform(weight)
         return F.linear(x.to(new.dtype), new, None if bias is None else bias.to(new.dtype))
 
+    def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """x·(W + ΔW)ᵀ + bias in one go, for an additive delta that can fold the frozen weight into
+        its own GEMMs; None (the default) means: run the base layer, then add ``delta_out``."""
+        return None
+
     def has_nonfinite(self) -> bool:
         return any(not torch.isfinite(p).all() for p in self.parameters() if p.is_floating_point())
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor: a parameter FSDP2 (``fully_shard``) holds sharded outside its module's forward."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: no DTensor can exist
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def merge_error(name: str) -> ValueError:
@@ -242,6 +254,10 @@ class AdapterLayer(nn.Module):
                 out = transforms[-1].transformed_linear(x, weight, self.base_layer.bias)
             out = out.to(x.dtype)  # transforms compute in the adapter dtype; callers get the input's
         else:
+            if len(deltas) == 1 and not args and not kwargs and self.spec.kind != "conv2d":
+                fused = deltas[0].fused_linear(x, self._weight_oi(), self.base_layer.bias)
+                if fused is not None:
+                    return fused.to(x.dtype)
             out = self.base_layer(x, *args, **kwargs)
         for d in deltas:
             if not d.is_transform:
@@ -305,6 +321,17 @@ class AdapterLayer(nn.Module):
         core = delta.inverse(core) if invert else delta.transform(core)
         return (core if added is None else core + added).float()
 
+    def _check_unsharded(self, action: str) -> None:
+        # a sharded weight would need a collective gather and scatter per layer; refuse it clearly
+        # instead of failing deep inside DTensor (or silently working for some methods only)
+        sharded = [n for n, t in [("base_layer.weight", self.base_layer.weight), *self.adapters.named_parameters()] if _is_sharded(t)]
+        if sharded:
+            raise ValueError(
+                f"Cannot {action} adapters of this {type(self.base_layer).__name__}: {', '.join(sharded[:3])} are sharded "
+                "by FSDP (DTensor). Save the adapter (deltatune.integrations.distributed.save_on_main) and merge it "
+                "into an unsharded model."
+            )
+
     def _write_weight(self, new_oi: torch.Tensor) -> None:
         w = self.base_layer.weight
         new = new_oi.T if self.spec.kind == "conv1d" else new_oi.reshape(w.shape)
@@ -321,6 +348,8 @@ class AdapterLayer(nn.Module):
         if already and not todo:
             warnings.warn("All adapters are already merged, nothing to do.")
             return
+        if todo:
+            self._check_unsharded("merge")
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally merging {','.join(todo)}.")
         for name in todo:
@@ -337,6 +366,7 @@ class AdapterLayer(nn.Module):
             if keep == 0:
                 warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._check_unsharded("unmerge")
         while len(self.merged_adapters) > keep:
             name = self.merged_adapters.pop()  # LIFO: transforms do not commute
             self._write_weight(self._compose(self._weight_oi(), self.adapters[name], invert=True))
