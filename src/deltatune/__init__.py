@@ -12,6 +12,7 @@ from .io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict 
 from .methods.adalora import AdaLoraConfig, AdaLoraModel, orthogonal_regularization  # noqa: E402
 from .methods.bone import BoneConfig, BoneModel  # noqa: E402
 from .methods.fourierft import FourierFTConfig, FourierFTModel  # noqa: E402
+from .methods.randlora import RandLoraConfig, RandLoraModel  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -25,7 +26,7 @@ from .peft_model import (  # noqa: E402
 
 __all__ = [
     "AdaLoraConfig", "AdaLoraModel", "orthogonal_regularization",
-    "AdapterLayer", "AdapterModel", "BoneConfig", "BoneModel", "CheckpointError", "Delta", "FourierFTConfig", "FourierFTModel", "ModulesToSaveWrapper",
+    "AdapterLayer", "AdapterModel", "BoneConfig", "BoneModel", "CheckpointError", "Delta", "FourierFTConfig", "FourierFTModel", "RandLoraConfig", "RandLoraModel", "ModulesToSaveWrapper",
     "NoMatchingModuleError", "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "TunerConfig", "UnsupportedModuleError", "get_peft_model",
