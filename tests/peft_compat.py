@@ -28,3 +28,14 @@ def run_peft(spec: dict, version: str = "0.21.2") -> dict:
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["peft_version"] == version, info
     return info
+
+
+def assert_rel(a, b, tol: float = 1e-5) -> None:
+    """Max abs difference relative to the reference's largest magnitude (the issues' "1e-5 relative")."""
+    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    assert err <= tol, err
+
+
+def adapter_grads(model, strip: str) -> dict:
+    """Gradients of the trainable parameters, keyed without the adapter part ``strip``."""
+    return {n.replace(strip, ""): p.grad for n, p in model.named_parameters() if p.requires_grad}

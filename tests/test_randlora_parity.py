@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from conftest import build, out_of
+from peft_compat import adapter_grads, assert_rel
 
 CONFIGS = [
     ("mlp", dict(r=4, randlora_alpha=80, target_modules=["lin0", "lin1"], init_weights=False)),
@@ -21,11 +22,6 @@ CONFIGS = [
     ("llama", dict(r=8, randlora_alpha=16, task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj", "up_proj"], init_weights=False)),
 ]
 IDS = [f"{m}-{i}" for i, (m, _) in enumerate(CONFIGS)]
-
-
-def assert_rel(a, b, tol=1e-5):
-    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-    assert err <= tol, err
 
 
 def pair(model_kind, kwargs):
@@ -51,8 +47,7 @@ def test_outputs_and_gradients_match_peft(model_kind, kwargs):
     g = torch.randn_like(ya)
     (ya * g).sum().backward()
     (yb * g).sum().backward()
-    grads_a = {n.replace(".adapters.default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    grads_b = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    grads_a, grads_b = adapter_grads(ours, ".adapters.default"), adapter_grads(theirs, ".default")
     assert grads_a.keys() == grads_b.keys() and grads_a
     largest = max(g.abs().max() for g in grads_b.values())
     for name in grads_a:  # measured against the model's largest gradient (attention cancellation in Llama)
