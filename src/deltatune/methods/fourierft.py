@@ -30,7 +30,7 @@ from ..core.layer import Delta, LayerSpec
 from ..core.registry import register_method
 from ..core.targeting import DEFAULT_TARGETS
 from ..core.tuner import AdapterModel
-from ._fourier_ops import choose_dense, fourier_delta_weight, fourier_linear, peft_positions
+from ._fourier_ops import FourierPlan, choose_dense, fourier_delta_weight, fourier_linear, peft_positions
 
 # PEFT's FourierFT defaults: the LoRA table, but GPT-2-style models adapt only the MLP output
 FOURIERFT_TARGETS = {**DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
@@ -84,6 +84,13 @@ class FourierDelta(Delta):
         self.register_buffer("indices", positions, persistent=False)  # (2, n): rows p_k, cols q_k
         spectrum = torch.zeros(n_frequency) if init_weights else torch.randn(n_frequency)
         self.fourierft_spectrum = nn.Parameter(spectrum)
+        self._plans: dict[torch.device, FourierPlan] = {}  # sparse frequency maps, built once per device
+
+    def _plan(self, device: torch.device) -> FourierPlan:
+        if device not in self._plans:
+            plan = FourierPlan.from_positions(self.indices.cpu(), self.spec.out_features, self.spec.in_features)
+            self._plans[device] = plan.to(device)
+        return self._plans[device]
 
     def delta_weight(self) -> torch.Tensor:
         rows, cols = self.indices
@@ -98,7 +105,8 @@ class FourierDelta(Delta):
             dw = self.delta_weight()
             return F.linear(x.to(dw.dtype), dw)
         rows, cols = self.indices
-        return fourier_linear(x, self.fourierft_spectrum, rows, cols, spec.out_features, self.scaling)
+        plan = self._plan(x.device)
+        return fourier_linear(x, self.fourierft_spectrum, rows, cols, spec.out_features, self.scaling, plan=plan)
 
 
 class FourierFTModel(AdapterModel):
