@@ -617,7 +617,9 @@ def randlora_linear(
     Options:
 
     * ``base_weight`` ``(out, in)`` / ``base_bias``: also add the frozen layer, i.e. return
-      ``F.linear(x, W, b) + x @ delta_W.T``.  For ``Conv1D`` pass ``weight.t()``.  When their
+      ``F.linear(x, W, b) + x @ delta_W.T``.  Only valid when the base sees the same ``x`` as the
+      adapter (randlora_dropout is 0 or the module is in eval mode); with dropout call this without
+      the base on ``dropout(x)``.  For ``Conv1D`` pass ``weight.t()``.  When their
       dtype is the compute dtype, the materialised path folds ``W`` into its GEMMs (one GEMM
       forward, one for ``d x``), which is what makes it pay off; ``W``/``b`` get gradients if they
       require them.
@@ -648,14 +650,11 @@ def randlora_linear(
     has_base = base_weight is not None
     if not has_base and base_bias is not None:
         raise ValueError("base_bias given without base_weight")
-    fusable = (
-        has_base
-        and base_weight.dtype == cdt
-        and (base_bias is None or base_bias.dtype == cdt)
-        and tuple(base_weight.shape) == (out_features, in_features)
-    )
     if has_base and tuple(base_weight.shape) != (out_features, in_features):
-        raise ValueError(f"base_weight must be (out, in) = {(out_features, in_features)}, got {tuple(base_weight.shape)}")
+        raise ValueError(
+            f"base_weight must be (out, in) = {(out_features, in_features)}, got {tuple(base_weight.shape)}"
+        )
+    fusable = has_base and base_weight.dtype == cdt and (base_bias is None or base_bias.dtype == cdt)
 
     tensors = (x, lam, gamma, base_weight, base_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
