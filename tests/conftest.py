@@ -11,12 +11,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from models import MLP, mlp_input, tiny_gpt2, tiny_llama, token_input  # noqa: E402
+from models import MLP, ConvNet, mlp_input, tiny_gpt2, tiny_llama, token_input  # noqa: E402
 
 MODEL_BUILDERS = {
     "mlp": (lambda: MLP(), lambda: {"x": mlp_input()}),
     "llama": (lambda: tiny_llama(), lambda: {"input_ids": token_input()}),
     "gpt2": (lambda: tiny_gpt2(), lambda: {"input_ids": token_input()}),
+    "conv": (lambda: ConvNet(), lambda: {"x": torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) / 200.0}),
 }
 
 

@@ -29,6 +29,16 @@ def trained(case):
     return model, inputs, expected
 
 
+def second_config(case):
+    """The config of an added second adapter: only one adapter may train biases, and methods that
+    train one adapter at a time (AdaLoRA) set more fields through ``extra["second_adapter"]``."""
+    config = case.config()
+    config.bias = "none"
+    for key, value in case.extra.get("second_adapter", {}).items():
+        setattr(config, key, value)
+    return config
+
+
 def adapter_layers(model):
     return [m for m in model.modules() if isinstance(m, dt.AdapterLayer)]
 
@@ -135,9 +145,7 @@ def test_only_adapter_parameters_train(case):
 def test_two_adapters_activate_switch_delete(case):
     model, inputs, expected = trained(case)
     out_default = out_of(model, inputs)
-    second = case.config()
-    second.bias = "none"  # only one adapter may train biases
-    model.add_adapter("other", second)
+    model.add_adapter("other", second_config(case))
     assert model.active_adapters == ["default"]
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
     torch.testing.assert_close(out_of(model, inputs), out_default)  # a new adapter is not active
@@ -184,9 +192,7 @@ def test_two_adapters_activate_switch_delete(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_save_then_load_gives_the_same_outputs(case, tmp_path):
     model, inputs, _ = trained(case)
-    second = case.config()
-    second.bias = "none"
-    model.add_adapter("second", second)
+    model.add_adapter("second", second_config(case))
     out = out_of(model, inputs)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()

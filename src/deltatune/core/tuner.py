@@ -176,7 +176,7 @@ class AdapterModel(nn.Module):
                 spec = None
             if spec is None or spec.kind not in self.supported_kinds:
                 raise UnsupportedModuleError(
-                    f"Target module '{key}' ({type(base).__name__}) is not supported by {self.prefix.rstrip('_')}. "
+                    f"Target module '{key}' ({type(base).__name__}) is not supported by {self.config_cls.PEFT_TYPE}. "
                     f"Supported layer types: {', '.join(_KIND_NAMES[k] for k in self.supported_kinds)}."
                 )
             with parameters_on_meta() if low_cpu_mem_usage else contextlib.nullcontext():
