@@ -3,18 +3,28 @@
 A method's config subclasses :class:`TunerConfig` and sets ``PEFT_TYPE``. The JSON written by
 :meth:`PeftConfig.save_pretrained` is the ``adapter_config.json`` PEFT reads, and PEFT's files load
 here: keys we do not know are dropped with one warning (forward compatibility).
+
+Every field is checked against its annotation when a config is built (:func:`check_field_types`),
+so a method's config gets type errors naming the field and the value for free; value ranges stay
+in the method's ``__post_init__``.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
+import sys
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -50,6 +60,7 @@ class PeftConfig:
     peft_version: Optional[str] = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.peft_type is None:
             self.peft_type = self.PEFT_TYPE
         elif str(self.peft_type) != self.PEFT_TYPE and self.PEFT_TYPE:
@@ -104,14 +115,16 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any):
         if not os.path.isfile(path_json_file):
+            if os.path.exists(path_json_file):
+                raise ValueError(f"Adapter config {path_json_file} is not a file")
             raise FileNotFoundError(f"No adapter config found at {path_json_file}")
         try:
             with open(path_json_file, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"Cannot read adapter config {path_json_file}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"Adapter config {path_json_file} is not valid JSON: {exc}") from exc
+            raise ValueError(f"Cannot read adapter config {path_json_file}: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, too-long integers, absurd nesting
+            raise ValueError(f"Adapter config {path_json_file} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"Adapter config {path_json_file} must hold a JSON object, got {type(data).__name__}")
         data.update(kwargs)
@@ -148,7 +161,7 @@ class PeftConfig:
             config = cls(**kept)
         except TypeError as exc:  # a field of the wrong kind that the dataclass itself rejects
             raise ValueError(f"Invalid {cls.__name__}: {exc}") from exc
-        if version is not None:
+        if isinstance(version, str):  # informational only: a malformed value is not worth an error
             config.peft_version = version
         return config
 
@@ -168,6 +181,93 @@ def config_class_for(peft_type: Any) -> type[PeftConfig]:
             f"Unknown peft_type {key!r}; deltatune supports {sorted(CONFIG_REGISTRY)}"
         )
     return CONFIG_REGISTRY[key]
+
+
+# ------------------------------------------------------------------------ field types from annotations
+
+_ATOMS: dict[type, str] = {bool: "a bool", int: "an int", float: "a number", str: "a string", dict: "a dict", list: "a list"}
+_PLURALS: dict[type, str] = {bool: "bools", int: "ints", float: "numbers", str: "strings", dict: "dicts", list: "lists"}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotation of every dataclass field of ``cls`` that can be resolved."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a name only importable under TYPE_CHECKING: resolve field by field
+        hints = {}
+        for klass in reversed(cls.__mro__):
+            module = sys.modules.get(klass.__module__)
+            for name, ann in vars(klass).get("__annotations__", {}).items():
+                try:
+                    hints[name] = eval(ann, vars(module) if module else {}) if isinstance(ann, str) else ann
+                except Exception:
+                    hints.pop(name, None)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint``; annotations this checker does not understand accept anything."""
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    base = origin or hint
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:  # ints are numbers too; nan and inf never mean anything in an adapter config
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if base is str:
+        return isinstance(value, str)
+    if base in (list, tuple, set, frozenset, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False
+        item = args[0] if args and (base is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else Any
+        return all(_matches(v, item) for v in value)
+    if base in (dict, collections.abc.Mapping):
+        if not isinstance(value, collections.abc.Mapping):
+            return False
+        key, val = args if len(args) == 2 else (Any, Any)
+        return all(_matches(k, key) and _matches(v, val) for k, v in value.items())
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "None"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        # scalars first, None last: "a string or a list of strings or None"
+        ordered = sorted(args, key=lambda a: (a is type(None), typing.get_origin(a) is not None))
+        return " or ".join(_describe(a) for a in ordered)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    base = origin or hint
+    if base in (list, tuple, set, frozenset, collections.abc.Sequence) and args and args[0] in _PLURALS:
+        return f"a list of {_PLURALS[args[0]]}"
+    if base in (dict, collections.abc.Mapping) and len(args) == 2 and args[0] in _PLURALS and args[1] in _PLURALS:
+        return f"a dict mapping {_PLURALS[args[0]]} to {_PLURALS[args[1]]}"
+    if base is float:
+        return "a finite number"
+    return _ATOMS.get(base, getattr(base, "__name__", str(base)))
+
+
+def check_field_types(config: "PeftConfig") -> None:
+    """Check every field against its annotation (so each method's config is checked for free);
+    value ranges are the method's business."""
+    for name, hint in _field_hints(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, hint):
+            raise ValueError(
+                f"{type(config).__name__}: `{name}` must be {_describe(hint)}, got {value!r} ({type(value).__name__})"
+            )
 
 
 def _check_str_list(name: str, value: Any, allow_str: bool = True) -> Any:

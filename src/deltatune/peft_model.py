@@ -8,6 +8,7 @@ does to layers goes through :class:`~deltatune.core.tuner.AdapterModel`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from typing import Any, Iterator, NamedTuple, Optional
@@ -15,12 +16,12 @@ from typing import Any, Iterator, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_NAME, PeftConfig, TunerConfig
+from .config import PeftConfig, TunerConfig
 from .core.layer import AdapterLayer
 from .core.modules_to_save import ModulesToSaveWrapper
 from .core.registry import method_for
 from .core.tuner import AdapterModel
-from .io.files import BIN_NAME, SAFETENSORS_NAME, atomic_write_text, ensure_dir, load_tensors, resolve_local_dir, save_tensors, write_model_card
+from .io.files import CheckpointFiles, checkpoint_files, ensure_dir, load_weights_file, resolve_local_dir, save_checkpoint, write_model_card
 from .io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
 SEQ_CLS_HEADS = ["classifier", "score"]
@@ -35,6 +36,32 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, set):
         return sorted(value)
     return value
+
+
+class _ModelState:
+    """What a failed load must give back: the modules at each path, ``requires_grad`` flags and
+    whether the model carried ``peft_config``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.had_config = "peft_config" in model.__dict__
+
+    def restore(self, model: nn.Module) -> None:
+        for key in sorted(self.modules, key=lambda k: k.count(".")):  # outer modules first
+            if not key:
+                continue
+            try:
+                current = model.get_submodule(key)
+            except AttributeError:
+                continue
+            if current is not self.modules[key]:
+                parent, _, child = key.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, self.modules[key])
+        if not self.had_config:
+            model.__dict__.pop("peft_config", None)
+        for n, p in model.named_parameters():
+            p.requires_grad_(self.grads.get(n, p.requires_grad))
 
 
 class PeftModel(nn.Module):
@@ -186,11 +213,6 @@ class PeftModel(nn.Module):
         for name in names:
             folder = root if name == "default" else ensure_dir(root / name)
             tensors = get_peft_model_state_dict(self.base_model, name)
-            weights = folder / (SAFETENSORS_NAME if safe_serialization else BIN_NAME)
-            save_tensors(tensors, weights, safe_serialization=safe_serialization)
-            stale = folder / (BIN_NAME if safe_serialization else SAFETENSORS_NAME)
-            if stale.exists():  # the loader prefers safetensors: never leave an older one beside new weights
-                stale.unlink()
             data = {k: _json_ready(v) for k, v in self.base_model.config_for_save(name).items()}
             data["inference_mode"] = True
             base = self.get_base_model()
@@ -198,9 +220,8 @@ class PeftModel(nn.Module):
                 data["base_model_name_or_path"] = getattr(base, "name_or_path", None) or None
             if data.get("task_type") is None:
                 data["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-            import json
-
-            atomic_write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            # both files atomically as a pair: a kill at any point leaves the old or the new checkpoint
+            save_checkpoint(folder, json.dumps(data, indent=2, sort_keys=True) + "\n", tensors, safe_serialization)
             write_model_card(str(folder), data.get("base_model_name_or_path"))
 
     # ------------------------------------------------------------------ loading
@@ -217,26 +238,26 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> "PeftModel":
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
+        files = checkpoint_files(folder)
         if config is None:
-            config = PeftConfig.from_pretrained(folder)
+            config = PeftConfig.from_json_file(files.config)
         config.inference_mode = not is_trainable
         wrapper = TASK_WRAPPERS.get(config.task_type, PeftModel) if cls is PeftModel else cls
-        grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+        before = _ModelState(model)
         try:
-            peft_model._load_weights(folder, adapter_name, low_cpu_mem_usage, kwargs.get("torch_device"))
+            peft_model = wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+            peft_model._load_weights(files, adapter_name, low_cpu_mem_usage, kwargs.get("torch_device"))
         except BaseException:
-            peft_model.base_model.delete_adapter(adapter_name)  # unwraps every module it had wrapped
-            model.__dict__.pop("peft_config", None)
-            for n, p in model.named_parameters():
-                p.requires_grad_(grad_flags.get(n, p.requires_grad))
+            before.restore(model)  # unwraps every module the failed attempt had wrapped
             raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
 
-    def _load_weights(self, folder: str, adapter_name: str, assign: bool, device: Any = None) -> None:
-        tensors = load_tensors(folder, device=device or "cpu")
+    def _load_weights(self, files: CheckpointFiles, adapter_name: str, assign: bool, device: Any = None) -> None:
+        if files.weights is None:
+            raise FileNotFoundError(f"No adapter_model.safetensors or adapter_model.bin found in {files.folder}")
+        tensors = load_weights_file(files.weights, device=device or "cpu")
         set_peft_model_state_dict(self.base_model, tensors, adapter_name, assign=assign)
 
     def load_adapter(
@@ -250,31 +271,58 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> LoadResult:
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
-        config = PeftConfig.from_pretrained(folder)
+        files = checkpoint_files(folder)
+        config = PeftConfig.from_json_file(files.config)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
+        known = set(self.peft_config)
+        before = _ModelState(self.base_model.model)
         try:
-            self._load_weights(folder, adapter_name, low_cpu_mem_usage, torch_device)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
+            self._load_weights(files, adapter_name, low_cpu_mem_usage, torch_device)
         except BaseException:
-            self.base_model.delete_adapter(adapter_name)
+            if adapter_name in self.peft_config and adapter_name not in known:
+                self.base_model.delete_adapter(adapter_name)
+            before.restore(self.base_model.model)
             raise
         if not is_trainable:
             self.eval()
         return LoadResult([], [])
 
 
-class PeftModelForSequenceClassification(PeftModel):
+class _TransformersForward:
+    """Task wrappers name transformers' arguments, as PEFT's do: transformers' Trainer reads the
+    signature of ``forward`` to decide which data set columns to keep."""
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Any:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                     token_type_ids=token_type_ids, output_attentions=output_attentions,
+                     output_hidden_states=output_hidden_states, return_dict=return_dict)
+        return self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+class PeftModelForSequenceClassification(_TransformersForward, PeftModel):
     def _prepare_config(self, config: TunerConfig) -> None:
         # the head is new and must train and be saved with the adapter (PEFT extends the config too)
         names = list(config.modules_to_save or [])
         config.modules_to_save = names + [h for h in SEQ_CLS_HEADS if h not in names]
 
 
-class PeftModelForCausalLM(PeftModel):
+class PeftModelForCausalLM(_TransformersForward, PeftModel):
     pass
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
+class PeftModelForSeq2SeqLM(_TransformersForward, PeftModel):
     pass
 
 
@@ -282,13 +330,13 @@ class PeftModelForTokenClassification(PeftModelForSequenceClassification):
     pass
 
 
-class PeftModelForQuestionAnswering(PeftModel):
+class PeftModelForQuestionAnswering(_TransformersForward, PeftModel):
     def _prepare_config(self, config: TunerConfig) -> None:
         names = list(config.modules_to_save or [])
         config.modules_to_save = names + [h for h in ["qa_outputs"] if h not in names]
 
 
-class PeftModelForFeatureExtraction(PeftModel):
+class PeftModelForFeatureExtraction(_TransformersForward, PeftModel):
     pass
 
 

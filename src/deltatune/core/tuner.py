@@ -157,7 +157,11 @@ class AdapterModel(nn.Module):
         if config.modules_to_save:
             # the heads a sequence-classification wrapper adds may not all exist (PEFT: classifier, score)
             optional = {"classifier", "score"} if config.task_type == "SEQ_CLS" else set()
-            wrap_modules_to_save(model, config.modules_to_save, adapter_name, optional)
+            try:
+                wrap_modules_to_save(model, config.modules_to_save, adapter_name, optional)
+            except BaseException:
+                self.delete_adapter(adapter_name)  # unwraps what this adapter wrapped: no trace is left
+                raise
         self._freeze_base(model)
         if not self._active:
             self.set_adapter(adapter_name, inference_mode=config.inference_mode)

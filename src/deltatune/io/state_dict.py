@@ -93,20 +93,35 @@ def set_peft_model_state_dict(
         slots = {k: v for k, v in slots.items() if k not in no_bias}
     problems: list[str] = []
     if missing:
-        problems.append(f"missing keys {_show(missing)}")
+        problems.append(
+            f"missing keys {_show(missing)} (the checkpoint was saved for other target modules or another base model, "
+            "or the file is incomplete)"
+        )
     if unexpected:
-        problems.append(f"unexpected keys {_show(unexpected)}")
+        problems.append(
+            f"unexpected keys {_show(unexpected)} (the checkpoint was saved for other target modules, another base "
+            "model or another method)"
+        )
     for key in sorted(set(slots) & set(state_dict)):
         owner, attr = slots[key]
-        want = tuple(getattr(owner, attr).shape)
-        got = tuple(state_dict[key].shape)
+        current, value = getattr(owner, attr), state_dict[key]
+        want = tuple(current.shape)
+        got = tuple(value.shape)
         if want != got:
             problems.append(
                 f"shape mismatch for {key}: checkpoint {got}, model {want} (a different base model, or a config "
                 "that differs from the one the checkpoint was trained with, e.g. r or rank_pattern)"
             )
+        elif _kind(value) != _kind(current):
+            problems.append(f"dtype mismatch for {key}: checkpoint {value.dtype}, model {current.dtype}")
     if problems:
         raise CheckpointError(f"Cannot load adapter '{adapter_name}': " + "; ".join(problems))
+    nonfinite = [k for k in sorted(slots) if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
+    if nonfinite:
+        warnings.warn(
+            f"The checkpoint of adapter '{adapter_name}' holds NaN or inf in {_show(nonfinite)}: its outputs will be "
+            "NaN/inf too, and merge_adapter(safe_merge=True) will refuse it"
+        )
     with torch.no_grad():
         for key, (owner, attr) in slots.items():
             current = getattr(owner, attr)
@@ -120,6 +135,11 @@ def set_peft_model_state_dict(
                     setattr(owner, attr, new)
             else:
                 current.copy_(value.to(current.dtype))
+
+
+def _kind(t: torch.Tensor) -> str:
+    """Floating, complex or integer/bool: a value of another kind cannot stand for the tensor."""
+    return "complex" if t.is_complex() else "float" if t.is_floating_point() else "int"
 
 
 def _show(keys: list[str], limit: int = 8) -> str:
