@@ -108,7 +108,27 @@ def merge_error(name: str) -> ValueError:
     return ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
 
 
-class AdapterLayer(nn.Module):
+class Switchable:
+    """Active-adapter and enable/disable bookkeeping shared by the wrappers (AdapterLayer,
+    ModulesToSaveWrapper): which adapters run, and whether their parameters train."""
+
+    def set_adapter(self, names: str | list[str], trainable: bool = True) -> None:
+        self._select([names] if isinstance(names, str) else list(names))
+        self._trainable = trainable
+        self._refresh_requires_grad()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+        self._refresh_requires_grad()
+
+    def _select(self, names: list[str]) -> None:
+        raise NotImplementedError
+
+    def _refresh_requires_grad(self) -> None:
+        raise NotImplementedError
+
+
+class AdapterLayer(Switchable, nn.Module):
     """Wraps one base layer and any number of named adapters on it."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -175,15 +195,8 @@ class AdapterLayer(nn.Module):
     def is_empty(self) -> bool:
         return len(self.adapters) == 0
 
-    def set_adapter(self, names: str | list[str], trainable: bool = True) -> None:
-        names = [names] if isinstance(names, str) else list(names)
+    def _select(self, names: list[str]) -> None:
         self.active_adapters = names
-        self._trainable = trainable
-        self._refresh_requires_grad()
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._refresh_requires_grad()
 
     def _refresh_requires_grad(self) -> None:
         for name, delta in self.adapters.items():

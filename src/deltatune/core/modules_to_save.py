@@ -12,10 +12,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .layer import BASE_NAME
+from .layer import BASE_NAME, Switchable
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(Switchable, nn.Module):
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module
@@ -39,18 +39,11 @@ class ModulesToSaveWrapper(nn.Module):
     def is_empty(self) -> bool:
         return len(self.modules_to_save) == 0
 
-    def set_adapter(self, names: str | list[str], trainable: bool = True) -> None:
-        names = [names] if isinstance(names, str) else list(names)
+    def _select(self, names: list[str]) -> None:
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(f"Attempted to set multiple ({present}) adapters at once for modules_to_save.")
         self.active_adapter = present[0] if present else None
-        self._trainable = trainable
-        self._refresh_requires_grad()
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-        self._refresh_requires_grad()
 
     def _refresh_requires_grad(self) -> None:
         self.original_module.requires_grad_(False)
