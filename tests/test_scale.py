@@ -222,8 +222,8 @@ def _grads(model):
 # once fixed, the xfail turns into a failure, so this table and the README's are updated.
 KNOWN_GRAPH_BREAKS = {
     "FOURIERFT": (
-        "fourier_delta_weight (methods/_fourier_ops.py) indexes with boolean masks and torch.unique on the fixed "
-        "positions: data-dependent shapes (aten.nonzero, aten._unique2) break the graph 6-7 times"
+        "in training mode the FFT path (fourier_linear's autograd.Function in methods/_fourier_ops.py: sparse CSR "
+        "frequency map) has dynamic-shape operators that break the graph ~8 times; eval and no_grad are break-free"
     ),
 }
 

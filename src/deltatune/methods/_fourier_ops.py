@@ -51,6 +51,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = [
+    "DensePlan",
     "FourierPlan",
     "choose_dense",
     "fourier_delta_weight",
@@ -538,6 +539,35 @@ def fourier_linear(
 # =============================================================================================
 
 
+class DensePlan:
+    """Everything :func:`fourier_delta_weight` derives from the fixed positions alone (index
+    tensors of known sizes), computed once per adapter so that building ΔW has only static shapes
+    (no boolean masks or ``unique``: nothing that breaks a ``torch.compile`` graph)."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int):
+        O, I = int(out_features), int(in_features)
+        rows = torch.as_tensor(rows).reshape(-1).to(torch.long).cpu()
+        cols = torch.as_tensor(cols).reshape(-1).to(torch.long).cpu()
+        fold_q = cols > I // 2
+        q = torch.where(fold_q, I - cols, cols)
+        p = torch.where(fold_q, (O - rows) % O, rows)
+        edge_idx = torch.nonzero(_edge(q, I)).reshape(-1)
+        # edge columns (DC / Nyquist) keep both halves: the coefficient and its mirror (-p, q)
+        p_all = torch.cat([p, ((O - p) % O)[edge_idx]])
+        q_all = torch.cat([q, q[edge_idx]])
+        used, q_inv = torch.unique(q_all, sorted=True, return_inverse=True)
+        self.out_features, self.in_features = O, I
+        self.edge_idx = edge_idx  # which coefficients are repeated for their mirror
+        self.slot = q_inv * O + p_all  # position of each (repeated) coefficient in the occupied columns
+        self.used = used  # occupied half-spectrum columns
+        self.n_used = int(used.numel())
+
+    def to(self, device: Union[str, torch.device]) -> "DensePlan":
+        moved = object.__new__(DensePlan)
+        moved.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return moved
+
+
 def fourier_delta_weight(
     spectrum: torch.Tensor,
     rows: torch.Tensor,
@@ -545,6 +575,8 @@ def fourier_delta_weight(
     out_features: int,
     in_features: int,
     scaling: Union[float, torch.Tensor],
+    *,
+    dense_plan: Optional[DensePlan] = None,
 ) -> torch.Tensor:
     """Dense ``Re(ifft2(S)) * scaling`` of shape ``(out, in)`` (float32; float64 for a float64 spectrum).
 
@@ -552,7 +584,8 @@ def fourier_delta_weight(
     part, which is real-valued, so only the columns that hold a coefficient need the complex
     inverse DFT along the output dim, followed by one ``irfft`` along the input dim (about half
     to a third of the cost of PEFT's dense complex ``ifft2``).
-    Differentiable with respect to ``spectrum`` through ordinary autograd.
+    Differentiable with respect to ``spectrum`` through ordinary autograd. Pass a
+    :class:`DensePlan` for these positions to skip its (position-only) index work.
     """
     O, I = int(out_features), int(in_features)
     Ih = I // 2 + 1
@@ -560,26 +593,14 @@ def fourier_delta_weight(
         scaling = float(scaling.detach().item())
     dtype = torch.float64 if spectrum.dtype == torch.float64 else torch.float32
     device = spectrum.device
-    rows = torch.as_tensor(rows).reshape(-1).to(device=device, dtype=torch.long)
-    cols = torch.as_tensor(cols).reshape(-1).to(device=device, dtype=torch.long)
+    plan = dense_plan if dense_plan is not None else DensePlan(rows, cols, O, I).to(device)
     c = spectrum.reshape(-1).to(dtype) * (0.5 * float(scaling))
-
-    fold_q = cols > I // 2
-    q = torch.where(fold_q, I - cols, cols)
-    p = torch.where(fold_q, (O - rows) % O, rows)
-    edge = _edge(q, I)
-    # edge columns (DC / Nyquist) keep both halves: the coefficient and its mirror (-p, q)
-    p_all = torch.cat([p, ((O - p) % O)[edge]])
-    q_all = torch.cat([q, q[edge]])
-    c_all = torch.cat([c, c[edge]])
-
-    used, q_inv = torch.unique(q_all, sorted=True, return_inverse=True)
-    n_used = used.numel()
+    c_all = torch.cat([c, c.index_select(0, plan.edge_idx)])
     # occupied columns only, laid out (column, output-frequency) so the transform is along the last dim
-    cols_half = torch.zeros(n_used * O, dtype=dtype, device=device).index_add(0, q_inv * O + p_all, c_all)
-    cols_spec = torch.fft.ifft(cols_half.view(n_used, O), dim=-1)  # (n_used, O) complex
+    cols_half = torch.zeros(plan.n_used * O, dtype=dtype, device=device).index_add(0, plan.slot, c_all)
+    cols_spec = torch.fft.ifft(cols_half.view(plan.n_used, O), dim=-1)  # (n_used, O) complex
     half = torch.zeros(O, Ih, dtype=cols_spec.dtype, device=device)
-    half.index_copy_(1, used, cols_spec.transpose(0, 1))
+    half = half.index_copy(1, plan.used, cols_spec.transpose(0, 1))
     return torch.fft.irfft(half, n=I, dim=1)
 
 

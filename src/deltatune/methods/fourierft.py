@@ -30,7 +30,7 @@ from ..core.layer import Delta, LayerSpec
 from ..core.registry import register_method
 from ..core.targeting import DEFAULT_TARGETS
 from ..core.tuner import AdapterModel
-from ._fourier_ops import FourierPlan, choose_dense, fourier_delta_weight, fourier_linear, peft_positions
+from ._fourier_ops import DensePlan, FourierPlan, choose_dense, fourier_delta_weight, fourier_linear, peft_positions
 
 # PEFT's FourierFT defaults: the LoRA table, but GPT-2-style models adapt only the MLP output
 FOURIERFT_TARGETS = {**DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
@@ -84,18 +84,22 @@ class FourierDelta(Delta):
         self.register_buffer("indices", positions, persistent=False)  # (2, n): rows p_k, cols q_k
         spectrum = torch.zeros(n_frequency) if init_weights else torch.randn(n_frequency)
         self.fourierft_spectrum = nn.Parameter(spectrum)
-        self._plans: dict[torch.device, FourierPlan] = {}  # sparse frequency maps, built once per device
+        # index plans derived from the positions, built once per device (sparse map; dense ΔW)
+        self._plans: dict[tuple[str, torch.device], object] = {}
 
-    def _plan(self, device: torch.device) -> FourierPlan:
-        if device not in self._plans:
-            plan = FourierPlan.from_positions(self.indices.cpu(), self.spec.out_features, self.spec.in_features)
-            self._plans[device] = plan.to(device)
-        return self._plans[device]
+    def _plan(self, kind: str, device: torch.device):
+        if (kind, device) not in self._plans:
+            cls = FourierPlan if kind == "sparse" else DensePlan
+            rows, cols = self.indices.cpu()
+            self._plans[(kind, device)] = cls(rows, cols, self.spec.out_features, self.spec.in_features).to(device)
+        return self._plans[(kind, device)]
 
     def delta_weight(self) -> torch.Tensor:
         rows, cols = self.indices
+        spectrum = self.fourierft_spectrum
         return fourier_delta_weight(
-            self.fourierft_spectrum, rows, cols, self.spec.out_features, self.spec.in_features, self.scaling
+            spectrum, rows, cols, self.spec.out_features, self.spec.in_features, self.scaling,
+            dense_plan=self._plan("dense", spectrum.device),
         )  # (out, in), fp32
 
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +109,7 @@ class FourierDelta(Delta):
             dw = self.delta_weight()
             return F.linear(x.to(dw.dtype), dw)
         rows, cols = self.indices
-        plan = self._plan(x.device)
+        plan = self._plan("sparse", x.device)
         return fourier_linear(x, self.fourierft_spectrum, rows, cols, spec.out_features, self.scaling, plan=plan)
 
 
