@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(log, f)
         print(f"saved the {args.method} adapter to {args.output}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # tears the process group down cleanly before the interpreter exits
     return log
 
 
