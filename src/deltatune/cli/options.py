@@ -69,13 +69,14 @@ PRESETS: dict[str, Preset] = {
     ),
     "RANDLORA": Preset(
         {"r": 32},
-        1e-2,
-        "scaling = randlora_alpha / r with randlora_alpha = 20·r (set from r unless given); only the "
-        "diagonal factors lambda/gamma train, so the lr is higher than LoRA's",
+        5e-4,
+        "scaling = randlora_alpha / r with randlora_alpha = 20·r (set from r unless given); gamma starts "
+        "at 1/max(in, out) (2.6e-3 for MiniLM), so an Adam step of 1e-2 moves it 4x its size: measured "
+        "here lr 1e-2 -> 55 %, 3e-3 -> 69 %, 1e-3 -> 81.3 %, 3e-4 -> 81.7 %, 1e-4 -> 78.8 %",
     ),
     "ADALORA": Preset(
         {"init_r": 12, "target_r": 8},
-        5e-3,
+        1e-2,
         "ΔW = B·diag(E)·A·lora_alpha/ranknum; rank budget 12 → 8 per module, pruned between "
         "tinit and total_step − tfinal (set from --steps)",
     ),
