@@ -174,14 +174,17 @@ def test_fourier_linear_float64_matches_reference_tightly():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,kind", [(6, "spectrum"), (200, "input")])
-def test_saved_tensor_choice_both_paths(n, kind, dtype):
-    # small n keeps the compact input spectrum, large n keeps x and recomputes its rfft
+@pytest.mark.parametrize("n", [6, 200])
+def test_backward_keeps_only_the_used_input_bins(n, dtype):
+    # the saved input spectrum has two rows (re, im) per distinct used input bin: for small n far
+    # less than x, never more than the full half spectrum (in + 2 floats per token)
     rows, cols = peft_positions(20, 64, n, 5)
     x = torch.randn(9, 64).to(dtype).requires_grad_()
     c = torch.randn(n, requires_grad=True)
     y = fourier_linear(x, c, rows, cols, 20, 2.0)
-    assert y.grad_fn.saved_kind == kind
+    kept = y.grad_fn.saved_tensors[1]
+    folded = torch.where(cols > 32, 64 - cols, cols)
+    assert kept.numel() == 9 * 2 * folded.unique().numel() <= 9 * (64 + 2)
     g = torch.randn(9, 20).to(dtype)
     (gc,) = torch.autograd.grad(y, (c,), g)
     ref = F.linear(x.detach().float(), _reference_delta(c, rows, cols, 20, 64, 2.0))
@@ -189,9 +192,30 @@ def test_saved_tensor_choice_both_paths(n, kind, dtype):
     assert _rel(gc, gc_ref) < 1e-5
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_f,in_f", [(12, 10), (16, 16)])
+def test_fused_base_layer(out_f, in_f, bias):
+    # base_weight/base_bias fold the frozen layer into the same autograd node
+    rows, cols = peft_positions(out_f, in_f, 30, 3)
+    w = torch.randn(out_f, in_f)
+    b = torch.randn(out_f) if bias else None
+    x = torch.randn(2, 5, in_f, requires_grad=True)
+    c = torch.randn(30, requires_grad=True)
+    g = torch.randn(2, 5, out_f)
+    y = fourier_linear(x, c, rows, cols, out_f, 1.5, base_weight=w, base_bias=b)
+    gx, gc = torch.autograd.grad(y, (x, c), g)
+    ref = F.linear(x, w + _reference_delta(c, rows, cols, out_f, in_f, 1.5), b)
+    gx_ref, gc_ref = torch.autograd.grad(ref, (x, c), g)
+    assert _rel(y, ref) < 1e-5 and _rel(gx, gx_ref) < 1e-5 and _rel(gc, gc_ref) < 1e-5
+    with pytest.raises(ValueError, match="base_weight must be"):
+        fourier_linear(x, c, rows, cols, out_f, 1.5, base_weight=w.T.contiguous() if out_f != in_f else w.double())
+    with pytest.raises(ValueError, match="base_bias given without base_weight"):
+        fourier_linear(x, c, rows, cols, out_f, 1.5, base_bias=torch.zeros(out_f))
+
+
 @pytest.mark.parametrize("n", [6, 300])
 def test_token_chunking(monkeypatch, n):
-    # several chunks, the last one ragged; both saved-tensor kinds
+    # several chunks, the last one ragged; small and large n
     monkeypatch.setattr(fo, "_CHUNK_TOKENS_OVERRIDE", 3)
     (y, gx, gc), (y_ref, gx_ref, gc_ref) = _check_linear(20, 18, n, (2, 5), torch.float32, seed=4)
     assert _rel(y, y_ref) < 1e-5

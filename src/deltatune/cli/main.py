@@ -226,11 +226,16 @@ def _quiet_libraries() -> None:
 
     # deprecation notices of transformers/PEFT internals say nothing about the user's command
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = _one_line_warning
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. the "classifier newly initialised" report
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
+
+
+def _one_line_warning(message: Any, category: type, filename: str, lineno: int, line: Optional[str] = None) -> str:
+    return f"deltatune: warning: {' '.join(str(message).split())}\n"
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

@@ -254,6 +254,7 @@ def build_config(
     task_type: Optional[str] = None,
     steps: Optional[int] = None,
     file_name: str = "--config",
+    quiet: bool = False,
 ) -> Any:
     """The adapter config of ``spec`` (``None`` for ``head``).
 
@@ -261,6 +262,10 @@ def build_config(
     :data:`PRESETS` > the dataclass defaults. Derived fields are filled last, only when the user
     set none of them (RandLoRA's alpha from r, AdaLoRA's schedule from the number of steps).
     """
+    if quiet:  # a validation pass: the real build says it (once)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build_config(spec, sets, file_data, task_type, steps, file_name)
     sets = dict(sets or {})
     check_fields(spec, list(sets), "--set")
     if spec.is_head:

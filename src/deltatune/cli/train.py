@@ -405,7 +405,7 @@ def prepare(args: TrainArgs) -> tuple[MethodSpec, Optional[dict], str]:
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     # build the config once now so that a bad field fails before minutes of loading
     task_type = "SEQ_CLS" if kind == CLASSIFY else "CAUSAL_LM"
-    build_config(spec, args.sets, file_data, task_type, args.steps, file_name=args.config_file or "--config")
+    build_config(spec, args.sets, file_data, task_type, args.steps, file_name=args.config_file or "--config", quiet=True)
     return spec, file_data, kind
 
 

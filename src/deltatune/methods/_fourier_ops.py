@@ -10,7 +10,8 @@ This module provides
 
 * :func:`peft_positions` -- the frequency positions exactly as PEFT 0.21.2 draws them, without the
   ``O(out * in)`` ``torch.randperm`` PEFT uses;
-* :func:`fourier_linear` -- ``x @ dW.T`` evaluated with 1-D real FFTs and a sparse frequency map,
+* :func:`fourier_linear` -- ``x @ dW.T`` evaluated with 1-D real FFTs and a gather/scatter over
+  the n positions,
   never building ``dW`` (custom autograd with gradients for ``x`` and ``c``);
 * :func:`fourier_delta_weight` -- the dense ``dW`` (differentiable), for merging or the dense path;
 * :func:`choose_dense` -- a cost model choosing between the two evaluation strategies.
@@ -32,13 +33,12 @@ gives, with ``phi_k(z) = conj(z) if conj_k else z``:
     grad x  :  H[t, q'_k] += scaling * c_k / (out * m(q'_k)) * phi_k(F[t, p'_k]);   gx = irfft_in(H)
     grad c  :  gc_k = scaling / (out * in) * sum_t Re(conj(F[t, p'_k]) * phi_k(R[t, q'_k]))
 
-where ``F = rfft(grad_y)`` along the output dim.  The frequency map is a sparse real matrix acting
-on the stacked real views ``[R ; conj(R)]`` (``2 I'`` rows of ``2 T`` interleaved re/im values),
-so each direction is one CSR x dense product, and the coefficient gradient is a sampled dense x
-dense product on the same sparsity pattern.  Tokens are processed in cache-sized chunks.  Total
-cost ``O(T (out log out + in log in) + T n)``; besides the output, the forward keeps either the
-input spectrum at the used frequencies (``T x <= min(2n, in + 2)`` floats) or a reference to ``x``,
-whichever is smaller.
+where ``F = rfft(grad_y)`` along the output dim.  Each direction is a gather of the n bins a
+coefficient reads, a multiply by per-position real factors (the conjugation is a sign on the
+imaginary part) and an ``index_add`` into the bins it writes; the spectra are laid out bin-major
+(bins x tokens) so that these are contiguous row copies.  Tokens are processed in cache-sized
+chunks.  Total cost ``O(T (out log out + in log in) + T n)``; besides the output, the forward keeps
+the input spectrum at the distinct used input bins (at most ``in + 2`` floats per token).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from collections import OrderedDict
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "DensePlan",
@@ -188,18 +189,8 @@ def peft_positions(out_features: int, in_features: int, n_frequency: int, seed: 
 
 
 # =============================================================================================
-# Sparse frequency-map plan
+# Frequency-map plan
 # =============================================================================================
-
-
-def _csr_pattern(row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int):
-    """CSR structure of entries ``(row[e], col[e])`` (duplicates merged); ``pos[e]`` is the slot."""
-    key = row * n_cols + col
-    uniq, pos = torch.unique(key, sorted=True, return_inverse=True)
-    counts = torch.bincount(uniq // n_cols, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=row.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return crow, uniq % n_cols, pos
 
 
 def _edge(idx: torch.Tensor, size: int) -> torch.Tensor:
@@ -210,18 +201,33 @@ def _edge(idx: torch.Tensor, size: int) -> torch.Tensor:
     return edge
 
 
-def _make_csr(crow, col, values, size):
+def _csr_pattern(row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int):
+    """CSR structure (int32) of entries ``(row[e], col[e])``, duplicates merged; ``pos[e]`` is the slot."""
+    uniq, pos = torch.unique(row * n_cols + col, sorted=True, return_inverse=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=row.device)
+    torch.cumsum(torch.bincount(uniq // n_cols, minlength=n_rows), 0, out=crow[1:])
+    return crow.int(), (uniq % n_cols).int(), pos
+
+
+def _csr(pattern, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" / invariant-check notes
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(pattern[0], pattern[1], values, size, check_invariants=False)
 
 
 class FourierPlan:
-    """Precomputed sparse structure of the frequency map for fixed positions and layer shape.
+    """Sparse structure of the frequency maps for fixed positions and layer shape.
 
-    Depends only on ``(rows, cols, out_features, in_features)``; build it once per adapter and
-    pass it to :func:`fourier_linear` (otherwise it is rebuilt or fetched from a small cache).
+    Spectra are held planar: row ``2b`` the real parts of bin ``b`` over the tokens, row ``2b + 1``
+    the imaginary parts. Position ``k`` folded into the half spectra reads input bin ``q_k`` and
+    writes output bin ``p_k``; where it reads the conjugate (``s_k = -1``) its imaginary-part entry
+    is negated, so each map is one real CSR matrix with 2n entries (merged where folded positions
+    coincide). Backward keeps the input spectrum at the distinct used bins only (``used``; ``slot_k``
+    the row of ``q_k`` there). Depends only on ``(rows, cols, out_features, in_features)``: build it
+    once per adapter and pass it to :func:`fourier_linear` (otherwise it comes from a small cache).
     """
+
+    _TENSORS = ("sign", "f_coef", "b_coef", "f_pos", "b_pos", "g_pos", "used2", "f_pat", "b_pat", "g_pat")
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int):
         rows = torch.as_tensor(rows).reshape(-1).long()
@@ -236,28 +242,22 @@ class FourierPlan:
         Oh, Ih = O // 2 + 1, I // 2 + 1
         self.out_features, self.in_features, self.n = O, I, rows.numel()
         self.device = rows.device
-
-        fold_p = rows > O // 2
-        fold_q = cols > I // 2
+        fold_p, fold_q = rows > O // 2, cols > I // 2
         p = torch.where(fold_p, O - rows, rows)
         q = torch.where(fold_q, I - cols, cols)
-        conj = fold_p == fold_q
-        self.any_conj = bool(conj.any())
-        m_p = torch.where(_edge(p, O), 1.0, 2.0).double()
-        m_q = torch.where(_edge(q, I), 1.0, 2.0).double()
-
-        # forward map (O' x 2I'): column q' reads R, column I' + q' reads conj(R)
-        fcol = q + Ih * conj.long()
-        self.f_crow, self.f_col, self.f_pos = _csr_pattern(p, fcol, Oh, 2 * Ih)
-        self.f_coef = 1.0 / (I * m_p)
-        # backward map (I' x 2O'): column p' reads F, column O' + p' reads conj(F)
-        bcol = p + Oh * conj.long()
-        self.b_crow, self.b_col, self.b_pos = _csr_pattern(q, bcol, Ih, 2 * Oh)
-        self.b_coef = 1.0 / (O * m_q)
-        # coefficient-gradient pattern: the forward pattern over the used input rows only
-        self.used = torch.unique(fcol, sorted=True)
-        self.g_col = torch.searchsorted(self.used, self.f_col)
-        self._coef_cache: dict = {}
+        used, slot = torch.unique(q, sorted=True, return_inverse=True)
+        self.sign = torch.where(fold_p == fold_q, -1.0, 1.0).double()  # phi_k(z) = conj(z) where -1
+        self.f_coef = 1.0 / (I * torch.where(_edge(p, O), 1.0, 2.0).double())
+        self.b_coef = 1.0 / (O * torch.where(_edge(q, I), 1.0, 2.0).double())
+        re_im = lambda idx: torch.cat([2 * idx, 2 * idx + 1])  # noqa: E731  (real rows, then imaginary rows)
+        self.n_used = used.numel()
+        self.used2 = torch.stack([2 * used, 2 * used + 1], dim=1).reshape(-1)  # planar rows kept for backward
+        self.f_pat = _csr_pattern(re_im(p), re_im(q), 2 * Oh, 2 * Ih)  # y  <- x
+        self.b_pat = _csr_pattern(re_im(q), re_im(p), 2 * Ih, 2 * Oh)  # gx <- gy
+        self.g_pat = _csr_pattern(re_im(p), re_im(slot), 2 * Oh, 2 * self.n_used)  # gc: sampled F · R
+        self.f_pos, self.b_pos, self.g_pos = self.f_pat[2], self.b_pat[2], self.g_pat[2]
+        self.f_pat, self.b_pat, self.g_pat = self.f_pat[:2], self.b_pat[:2], self.g_pat[:2]
+        self._cast: dict = {}
         self._device_copies: dict = {}
 
     @classmethod
@@ -265,14 +265,25 @@ class FourierPlan:
         """Plan from a ``(2, n)`` position tensor as returned by :func:`peft_positions`."""
         return cls(indices[0], indices[1], out_features, in_features)
 
-    def coefs(self, dtype: torch.dtype):
-        hit = self._coef_cache.get(dtype)
-        if hit is None:
-            hit = (self.f_coef.to(dtype), self.b_coef.to(dtype))
-            self._coef_cache[dtype] = hit
-        return hit
+    def _in(self, dtype: torch.dtype) -> dict:
+        if dtype not in self._cast:
+            self._cast[dtype] = {k: getattr(self, k).to(dtype) for k in ("f_coef", "b_coef", "sign")}
+        return self._cast[dtype]
 
-    _TENSORS = ("f_crow", "f_col", "f_pos", "f_coef", "b_crow", "b_col", "b_pos", "b_coef", "used", "g_col")
+    def map(self, spectrum: torch.Tensor, scaling: float, direction: str) -> torch.Tensor:
+        """The real CSR map of ``direction`` ("forward": x -> y, "backward": gy -> gx) for these coefficients."""
+        cast = self._in(spectrum.dtype)
+        forward = direction == "forward"
+        w = spectrum.detach() * (scaling * cast["f_coef" if forward else "b_coef"])
+        pattern, pos = (self.f_pat, self.f_pos) if forward else (self.b_pat, self.b_pos)
+        values = w.new_zeros(pattern[1].numel()).index_add_(0, pos, torch.cat([w, w * cast["sign"]]))
+        Oh2, Ih2 = 2 * (self.out_features // 2 + 1), 2 * (self.in_features // 2 + 1)
+        return _csr(pattern, values, (Oh2, Ih2) if forward else (Ih2, Oh2))
+
+    def coefficient_grad(self, sampled: torch.Tensor) -> torch.Tensor:
+        """Σ_t Re(conj(F) phi(R)) per position from the sampled real·real and imag·imag sums."""
+        both = sampled.index_select(0, self.g_pos).view(2, self.n)
+        return both[0] + self._in(sampled.dtype)["sign"] * both[1]
 
     def to(self, device: Union[str, torch.device]) -> "FourierPlan":
         """This plan on ``device`` (copies are memoised per device)."""
@@ -285,9 +296,11 @@ class FourierPlan:
             new = object.__new__(FourierPlan)
             new.__dict__.update(self.__dict__)
             for name in self._TENSORS:
-                setattr(new, name, getattr(self, name).to(device))
+                value = getattr(self, name)
+                moved = tuple(t.to(device) for t in value) if isinstance(value, tuple) else value.to(device)
+                setattr(new, name, moved)
             new.device = device
-            new._coef_cache = {}
+            new._cast = {}
             new._device_copies = {}
             self._device_copies[key] = new
         return new
@@ -328,166 +341,136 @@ def _get_plan(rows, cols, out_features, in_features, device) -> FourierPlan:
 # =============================================================================================
 
 
-def _stacked_spectrum(mat: torch.Tensor, need_conj: bool) -> torch.Tensor:
-    """``rfft(mat)`` (T, K) -> real (2K', 2T): rows [spectrum^T ; conj(spectrum)^T], re/im
-    interleaved along the columns.
+def _planar(mat: torch.Tensor) -> torch.Tensor:
+    """``rfft(mat)`` along the features as a planar bin-major real matrix: (T, K) -> (2 (K//2 + 1), T).
 
-    The conjugate half is left uninitialised when ``need_conj`` is False (no map entry reads it).
+    Bin-major rows make each frequency map one CSR x dense product over contiguous rows.
     """
-    spec = torch.fft.rfft(mat, dim=-1)  # (T, K')
-    T, Kh = spec.shape
-    buf = torch.empty((2, Kh, T), dtype=spec.dtype, device=spec.device)
-    buf[0].copy_(spec.transpose(0, 1))
-    del spec
-    if need_conj:
-        torch.conj_physical(buf[0], out=buf[1])
-    return torch.view_as_real(buf).reshape(2 * Kh, 2 * T)
+    spec = torch.view_as_real(torch.fft.rfft(mat, dim=-1))  # (T, K', 2)
+    return spec.permute(1, 2, 0).contiguous().view(-1, mat.shape[0])  # the copy into planar rows
 
 
-def _inverse_into(mat: torch.Tensor, n_out: int, out: torch.Tensor) -> None:
-    """Real (K', 2T) interleaved half spectrum^T -> irfft along the output dim -> ``out`` (T, n)."""
-    Kh, T2 = mat.shape
-    spec = torch.view_as_complex(mat.view(Kh, T2 // 2, 2)).transpose(0, 1).contiguous()  # (T, K')
-    if out.dtype == mat.dtype:
+def _inverse_planar(planar: torch.Tensor, n_out: int, out: torch.Tensor, add: bool = False) -> None:
+    """Inverse of :func:`_planar` for a (2 K', T) half spectrum, written into ``out`` (T, n_out),
+    or added to it."""
+    T = planar.shape[1]
+    spec = torch.view_as_complex(planar.view(-1, 2, T).permute(2, 0, 1).contiguous())  # (T, K')
+    if add:
+        out.add_(torch.fft.irfft(spec, n=n_out, dim=-1))
+    elif out.dtype == planar.dtype:
         torch.fft.irfft(spec, n=n_out, dim=-1, out=out)
     else:
         out.copy_(torch.fft.irfft(spec, n=n_out, dim=-1))
+
+
+def _apply(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``csr @ dense`` into a fresh row-major result (``addmm`` with ``out=`` skips the zero fill and
+    the layout copies ``torch.sparse.mm`` makes)."""
+    out = dense.new_empty((csr.shape[0], dense.shape[1]))
+    return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-# Tokens are processed in chunks so that the per-chunk transposed spectra stay cache resident:
-# on 4096x4096 with 2048 tokens, fwd+bwd took 300-440 ms unchunked vs 120-170 ms with 32-128-token
-# chunks (flat optimum around 64); on 4096x11008, 650-1050 ms vs 340-540 ms for 16..128 tokens.
-# Peak memory drops accordingly (intermediates are per chunk).
+# Tokens are processed in chunks so that each chunk's spectra stay cache sized (on 4096x4096 with
+# 2048 tokens: 2-3x faster than one pass); chunks are balanced (no one-token tail).
 _CHUNK_BYTES = 2 << 20
 _CHUNK_TOKENS_OVERRIDE: Optional[int] = None
 
 
-def _chunk_tokens(in_features: int, out_features: int, elem: int) -> int:
+def _chunks(T: int, in_features: int, out_features: int, elem: int) -> list[tuple[int, int]]:
     if _CHUNK_TOKENS_OVERRIDE is not None:
-        return _CHUNK_TOKENS_OVERRIDE
-    per_token = 4 * (max(in_features, out_features) // 2 + 1) * elem  # stacked spectrum bytes per token
-    return max(32, _CHUNK_BYTES // per_token)
+        size = _CHUNK_TOKENS_OVERRIDE
+    else:
+        per_token = 4 * elem * (max(in_features, out_features) // 2 + 1)  # planar spectrum bytes
+        limit = max(32, _CHUNK_BYTES // per_token)
+        size = -(-T // -(-T // limit))  # ceil(T / number of chunks)
+    return [(t0, min(T, t0 + size)) for t0 in range(0, T, size)]
 
 
 class _FourierLinearFn(torch.autograd.Function):
+    """With ``R = rfft(x)``, ``F = rfft(grad_y)`` and, per position k,
+
+        forward :  G[p_k] += s c_k / (in  m(p_k)) phi_k(R[q_k]);   y  = irfft_out(G)
+        grad x  :  H[q_k] += s c_k / (out m(q_k)) phi_k(F[p_k]);   gx = irfft_in(H)
+        grad c  :  gc_k = s / (out in) Σ_t Re(conj(F[t, p_k]) phi_k(R[t, q_k]))
+
+    (``s`` the scaling, ``m`` 1 for the DC/Nyquist bins and 2 otherwise, ``phi_k`` the optional
+    conjugation): the two maps are CSR products on planar spectra, the coefficient gradient a
+    sampled dense product on the same pattern.
+
+    With a frozen ``base`` weight (and bias) the layer's own GEMMs run here too and the spectral
+    terms are added into their results chunk by chunk, which saves autograd a node and a full
+    output-sized and input-sized sum per call.
+    """
+
     @staticmethod
-    def forward(ctx, x, spectrum, plan, scaling):
+    def forward(ctx, x, spectrum, plan, scaling, base_weight=None, base_bias=None):
         O, I = plan.out_features, plan.in_features
-        Oh, Ih = O // 2 + 1, I // 2 + 1
         lead = x.shape[:-1]
         x2d = x.reshape(-1, I)
         T = x2d.shape[0]
         cdtype = _compute_dtype(x.dtype, spectrum.dtype)
         ctx.plan, ctx.scaling, ctx.cdtype = plan, scaling, cdtype
         ctx.x_shape, ctx.x_dtype, ctx.c_dtype = x.shape, x.dtype, spectrum.dtype
-        ctx.saved_kind = "none"
+        ctx.base_weight = base_weight  # frozen: kept by reference, like F.linear keeps it
+        if base_weight is not None:
+            y = F.linear(x2d, base_weight, base_bias)
         if T == 0 or plan.n == 0:
             ctx.save_for_backward(spectrum)
-            return x.new_zeros(*lead, O)
+            return (y if base_weight is not None else x.new_zeros((T, O))).reshape(*lead, O)
 
-        c = spectrum.detach().to(cdtype)
-        f_coef, _ = plan.coefs(cdtype)
-        fvals = torch.zeros(plan.f_col.numel(), dtype=cdtype, device=x.device)
-        fvals.index_add_(0, plan.f_pos, c * (f_coef * scaling))
-        fmap = _make_csr(plan.f_crow, plan.f_col, fvals, (Oh, 2 * Ih))
-
-        n_used = plan.used.numel()
-        elem = torch.finfo(cdtype).bits // 8
-        chunk = _chunk_tokens(I, O, elem)
-        saved = None
-        if ctx.needs_input_grad[1]:
-            # keep whichever is smaller: the input spectrum at the used frequencies, or x itself
-            # (then its rfft is recomputed in backward)
-            if n_used * 2 * T * elem <= x2d.numel() * x2d.element_size():
-                saved = torch.empty(n_used * 2 * T, dtype=cdtype, device=x.device)
-                ctx.saved_kind = "spectrum"
-            else:
-                saved = x
-                ctx.saved_kind = "input"
-        ctx.chunk = chunk
-
-        y = torch.empty((T, O), dtype=x.dtype, device=x.device)
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            stacked = _stacked_spectrum(x2d[t0:t1].to(cdtype), plan.any_conj)  # (2I', 2Tc)
-            if ctx.saved_kind == "spectrum":
-                block = saved[n_used * 2 * t0 : n_used * 2 * t1].view(n_used, 2 * (t1 - t0))
-                if n_used == 2 * Ih:
-                    block.copy_(stacked)
-                else:
-                    torch.index_select(stacked, 0, plan.used, out=block)
-            mapped = torch.sparse.mm(fmap, stacked)  # (O', 2Tc)
-            del stacked
-            _inverse_into(mapped, O, y[t0:t1])
-            del mapped
-
-        if saved is None:
-            ctx.save_for_backward(spectrum)
-        else:
-            ctx.save_for_backward(spectrum, saved)
+        fmap = plan.map(spectrum.to(cdtype), scaling, "forward")
+        ctx.chunks = _chunks(T, I, O, torch.finfo(cdtype).bits // 8)
+        rows = plan.used2.numel()
+        kept = x2d.new_empty((rows * T,), dtype=cdtype) if ctx.needs_input_grad[1] else None
+        if base_weight is None:
+            y = torch.empty((T, O), dtype=x.dtype, device=x.device)
+        for t0, t1 in ctx.chunks:
+            spec = _planar(x2d[t0:t1].to(cdtype))  # (2I', Tc)
+            if kept is not None:
+                torch.index_select(spec, 0, plan.used2, out=kept[rows * t0 : rows * t1].view(rows, t1 - t0))
+            _inverse_planar(_apply(fmap, spec), O, y[t0:t1], add=base_weight is not None)
+        ctx.save_for_backward(spectrum, *(() if kept is None else (kept,)))
         return y.reshape(*lead, O)
 
     @staticmethod
     def backward(ctx, grad_out):
-        plan, scaling, cdtype, chunk = ctx.plan, ctx.scaling, ctx.cdtype, getattr(ctx, "chunk", 1)
+        plan, scaling, cdtype = ctx.plan, ctx.scaling, ctx.cdtype
         O, I = plan.out_features, plan.in_features
-        Oh, Ih = O // 2 + 1, I // 2 + 1
         spectrum = ctx.saved_tensors[0]
         need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_c = None
         g2d = grad_out.reshape(-1, O)
         T = g2d.shape[0]
+        base = ctx.base_weight
+        if need_x:  # the frozen layer's part first
+            gx = (g2d.to(base.dtype) @ base).to(ctx.x_dtype) if base is not None else None
         if T == 0 or plan.n == 0:
-            if need_x:
-                grad_x = grad_out.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
-            if need_c:
-                grad_c = torch.zeros_like(spectrum)
-            return grad_x, grad_c, None, None
+            if need_x and gx is None:
+                gx = g2d.new_zeros((T, I), dtype=ctx.x_dtype)
+            grad_x = gx.reshape(ctx.x_shape) if need_x else None
+            return grad_x, (torch.zeros_like(spectrum) if need_c else None), None, None, None, None
 
-        device = g2d.device
         if need_x:
-            c = spectrum.detach().to(cdtype)
-            _, b_coef = plan.coefs(cdtype)
-            bvals = torch.zeros(plan.b_col.numel(), dtype=cdtype, device=device)
-            bvals.index_add_(0, plan.b_pos, c * (b_coef * scaling))
-            bmap = _make_csr(plan.b_crow, plan.b_col, bvals, (Ih, 2 * Oh))
-            gx = torch.empty((T, I), dtype=ctx.x_dtype, device=device)
+            bmap = plan.map(spectrum.to(cdtype), scaling, "backward")
+            if gx is None:
+                gx = torch.empty((T, I), dtype=ctx.x_dtype, device=g2d.device)
         if need_c:
-            saved = ctx.saved_tensors[1]
-            n_used = plan.used.numel()
-            x2d = saved.reshape(-1, I) if ctx.saved_kind == "input" else None
-            zeros = torch.zeros(plan.g_col.numel(), dtype=cdtype, device=device)
-            mask = _make_csr(plan.f_crow, plan.g_col, zeros, (Oh, n_used))
-            acc = torch.zeros(plan.g_col.numel(), dtype=cdtype, device=device)
-
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            stacked_f = _stacked_spectrum(g2d[t0:t1].to(cdtype), need_x and plan.any_conj)  # (2O', 2Tc)
+            kept, rows = ctx.saved_tensors[1], plan.used2.numel()
+            mask = _csr(plan.g_pat, g2d.new_zeros(plan.g_pat[1].numel(), dtype=cdtype), (2 * (O // 2 + 1), rows))
+            acc = torch.zeros_like(mask.values())
+        for t0, t1 in ctx.chunks:
+            spec = _planar(g2d[t0:t1].to(cdtype))  # (2O', Tc)
             if need_c:
-                if x2d is not None:
-                    rows = _stacked_spectrum(x2d[t0:t1].to(cdtype), plan.any_conj)
-                    if n_used != 2 * Ih:
-                        rows = rows.index_select(0, plan.used)
-                else:
-                    rows = saved[n_used * 2 * t0 : n_used * 2 * t1].view(n_used, 2 * (t1 - t0))
-                # sum_t Re(conj(F[t, p']) * phi(R[t, q'])) = dot of the interleaved re/im rows
-                sampled = torch.sparse.sampled_addmm(mask, stacked_f[:Oh], rows.transpose(0, 1), beta=0.0)
-                acc += sampled.values()
-                del rows, sampled
+                kept_c = kept[rows * t0 : rows * t1].view(rows, t1 - t0)
+                acc += torch.sparse.sampled_addmm(mask, spec, kept_c.T, beta=0.0).values()
             if need_x:
-                mapped = torch.sparse.mm(bmap, stacked_f)  # (I', 2Tc)
-                del stacked_f
-                _inverse_into(mapped, I, gx[t0:t1])
-                del mapped
-        if need_x:
-            grad_x = gx.reshape(ctx.x_shape)
-        if need_c:
-            grad_c = (acc.index_select(0, plan.f_pos) * (scaling / (O * I))).to(ctx.c_dtype)
-        return grad_x, grad_c, None, None
+                _inverse_planar(_apply(bmap, spec), I, gx[t0:t1], add=base is not None)
+        grad_x = gx.reshape(ctx.x_shape) if need_x else None
+        grad_c = (plan.coefficient_grad(acc) * (scaling / (O * I))).to(ctx.c_dtype) if need_c else None
+        return grad_x, grad_c, None, None, None, None
 
 
 def fourier_linear(
@@ -499,6 +482,8 @@ def fourier_linear(
     scaling: Union[float, torch.Tensor],
     *,
     plan: Optional[FourierPlan] = None,
+    base_weight: Optional[torch.Tensor] = None,
+    base_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``F.linear(x, dW)`` for the FourierFT update ``dW`` without materialising it.
 
@@ -511,9 +496,13 @@ def fourier_linear(
         out_features: ``out`` of the adapted layer.
         scaling: the FourierFT scaling factor (Python number or 0-d tensor, not differentiated).
         plan: optional :class:`FourierPlan` for these positions (skips the plan lookup).
+        base_weight, base_bias: a frozen layer ``(out, in)`` (and ``(out,)``) in ``x``'s dtype to
+            include: the result is then ``F.linear(x, base_weight + dW, base_bias)``. They get
+            no gradient.
 
     Returns:
-        ``(..., out_features)`` tensor equal to ``F.linear(x, Re(ifft2(S)) * scaling)``.
+        ``(..., out_features)`` tensor equal to ``F.linear(x, Re(ifft2(S)) * scaling)`` (plus the
+        base layer when given).
     """
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
@@ -531,7 +520,13 @@ def fourier_linear(
         plan = plan.to(x.device)
     if plan.n != spectrum.numel():
         raise ValueError(f"spectrum has {spectrum.numel()} entries but there are {plan.n} positions")
-    return _FourierLinearFn.apply(x, spectrum, plan, scaling)
+    if base_weight is not None:
+        if tuple(base_weight.shape) != (int(out_features), in_features) or base_weight.dtype != x.dtype:
+            raise ValueError(f"base_weight must be ({out_features}, {in_features}) in {x.dtype}")
+        base_weight, base_bias = base_weight.detach(), (None if base_bias is None else base_bias.detach())
+    elif base_bias is not None:
+        raise ValueError("base_bias given without base_weight")
+    return _FourierLinearFn.apply(x, spectrum, plan, scaling, base_weight, base_bias)
 
 
 # =============================================================================================

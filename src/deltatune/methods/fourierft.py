@@ -102,15 +102,28 @@ class FourierDelta(Delta):
             dense_plan=self._plan("dense", spectrum.device),
         )  # (out, in), fp32
 
-    def delta_out(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense_is_cheaper(self, x: torch.Tensor) -> bool:
         tokens = x.numel() // max(x.shape[-1], 1)
-        spec = self.spec
-        if choose_dense(tokens, spec.out_features, spec.in_features, self.fourierft_spectrum.numel()):
-            dw = self.delta_weight()
-            return F.linear(x.to(dw.dtype), dw)
+        return choose_dense(tokens, self.spec.out_features, self.spec.in_features, self.fourierft_spectrum.numel())
+
+    def _fft_path(self, x: torch.Tensor, **base: Optional[torch.Tensor]) -> torch.Tensor:
         rows, cols = self.indices
         plan = self._plan("sparse", x.device)
-        return fourier_linear(x, self.fourierft_spectrum, rows, cols, spec.out_features, self.scaling, plan=plan)
+        return fourier_linear(x, self.fourierft_spectrum, rows, cols, self.spec.out_features, self.scaling, plan=plan, **base)
+
+    def delta_out(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense_is_cheaper(x):
+            dw = self.delta_weight()
+            return F.linear(x.to(dw.dtype), dw)
+        return self._fft_path(x)
+
+    def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # the frozen layer's GEMMs run inside the FFT path's autograd (one node, no extra sums)
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+        if not (frozen and same_dtype) or self._dense_is_cheaper(x):
+            return None
+        return self._fft_path(x, base_weight=weight, base_bias=bias)
 
 
 class FourierFTModel(AdapterModel):
