@@ -202,11 +202,12 @@ def _edge(idx: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _csr_pattern(row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int):
-    """CSR structure (int32) of entries ``(row[e], col[e])``, duplicates merged; ``pos[e]`` is the slot."""
+    """CSR structure ``(crow, col)`` (int32) of entries ``(row[e], col[e])`` with duplicates merged,
+    and ``pos``: the value slot of each entry."""
     uniq, pos = torch.unique(row * n_cols + col, sorted=True, return_inverse=True)
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=row.device)
     torch.cumsum(torch.bincount(uniq // n_cols, minlength=n_rows), 0, out=crow[1:])
-    return crow.int(), (uniq % n_cols).int(), pos
+    return (crow.int(), (uniq % n_cols).int()), pos
 
 
 def _csr(pattern, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -222,8 +223,8 @@ class FourierPlan:
     the imaginary parts. Position ``k`` folded into the half spectra reads input bin ``q_k`` and
     writes output bin ``p_k``; where it reads the conjugate (``s_k = -1``) its imaginary-part entry
     is negated, so each map is one real CSR matrix with 2n entries (merged where folded positions
-    coincide). Backward keeps the input spectrum at the distinct used bins only (``used``; ``slot_k``
-    the row of ``q_k`` there). Depends only on ``(rows, cols, out_features, in_features)``: build it
+    coincide). Backward keeps the input spectrum at the distinct used input bins only (planar rows
+    ``used2``). Depends only on ``(rows, cols, out_features, in_features)``: build it
     once per adapter and pass it to :func:`fourier_linear` (otherwise it comes from a small cache).
     """
 
@@ -252,11 +253,9 @@ class FourierPlan:
         re_im = lambda idx: torch.cat([2 * idx, 2 * idx + 1])  # noqa: E731  (real rows, then imaginary rows)
         self.n_used = used.numel()
         self.used2 = torch.stack([2 * used, 2 * used + 1], dim=1).reshape(-1)  # planar rows kept for backward
-        self.f_pat = _csr_pattern(re_im(p), re_im(q), 2 * Oh, 2 * Ih)  # y  <- x
-        self.b_pat = _csr_pattern(re_im(q), re_im(p), 2 * Ih, 2 * Oh)  # gx <- gy
-        self.g_pat = _csr_pattern(re_im(p), re_im(slot), 2 * Oh, 2 * self.n_used)  # gc: sampled F · R
-        self.f_pos, self.b_pos, self.g_pos = self.f_pat[2], self.b_pat[2], self.g_pat[2]
-        self.f_pat, self.b_pat, self.g_pat = self.f_pat[:2], self.b_pat[:2], self.g_pat[:2]
+        self.f_pat, self.f_pos = _csr_pattern(re_im(p), re_im(q), 2 * Oh, 2 * Ih)  # y  <- x
+        self.b_pat, self.b_pos = _csr_pattern(re_im(q), re_im(p), 2 * Ih, 2 * Oh)  # gx <- gy
+        self.g_pat, self.g_pos = _csr_pattern(re_im(p), re_im(slot), 2 * Oh, 2 * self.n_used)  # gc: sampled F·R
         self._cast: dict = {}
         self._device_copies: dict = {}
 
