@@ -210,6 +210,19 @@ def _csr_pattern(row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int)
     return (crow.int(), (uniq % n_cols).int()), pos
 
 
+def _csr_entries(row, col, n_rows: int, n_cols: int, coef: torch.Tensor):
+    """A real CSR map with one entry per ``(row[e], col[e])`` carrying ``coef[e]`` times the
+    coefficient ``e mod n``: ``(pattern, src, coef, sums)`` with ``src``/``coef`` in slot order, or
+    in entry order plus ``sums`` (entry -> slot) where entries share a slot."""
+    pattern, pos = _csr_pattern(row, col, n_rows, n_cols)
+    src = torch.arange(row.numel(), device=row.device) % (row.numel() // 2)
+    if pattern[1].numel() == row.numel():  # no shared slots: a permutation
+        order = torch.empty_like(pos)
+        order[pos] = torch.arange(pos.numel(), device=pos.device)
+        return pattern, src[order], coef[order], None
+    return pattern, src, coef, pos
+
+
 def _csr(pattern, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
@@ -228,7 +241,7 @@ class FourierPlan:
     once per adapter and pass it to :func:`fourier_linear` (otherwise it comes from a small cache).
     """
 
-    _TENSORS = ("sign", "f_coef", "b_coef", "f_pos", "b_pos", "g_pos", "used2", "f_pat", "b_pat", "g_pat")
+    _TENSORS = ("sign", "f_src", "b_src", "f_coef", "b_coef", "g_pos", "used2", "f_pat", "b_pat", "g_pat")
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int):
         rows = torch.as_tensor(rows).reshape(-1).long()
@@ -248,15 +261,20 @@ class FourierPlan:
         q = torch.where(fold_q, I - cols, cols)
         used, slot = torch.unique(q, sorted=True, return_inverse=True)
         self.sign = torch.where(fold_p == fold_q, -1.0, 1.0).double()  # phi_k(z) = conj(z) where -1
-        self.f_coef = 1.0 / (I * torch.where(_edge(p, O), 1.0, 2.0).double())
-        self.b_coef = 1.0 / (O * torch.where(_edge(q, I), 1.0, 2.0).double())
         re_im = lambda idx: torch.cat([2 * idx, 2 * idx + 1])  # noqa: E731  (real rows, then imaginary rows)
+        both = lambda t: torch.cat([t, t * self.sign])  # noqa: E731  (an entry's factor: real, imaginary)
         self.n_used = used.numel()
         self.used2 = torch.stack([2 * used, 2 * used + 1], dim=1).reshape(-1)  # planar rows kept for backward
-        self.f_pat, self.f_pos = _csr_pattern(re_im(p), re_im(q), 2 * Oh, 2 * Ih)  # y  <- x
-        self.b_pat, self.b_pos = _csr_pattern(re_im(q), re_im(p), 2 * Ih, 2 * Oh)  # gx <- gy
+        # each map entry e reads coefficient src[e] times coef[e]; entries sit in CSR slot order,
+        # with a slot -> entries sum only where folded positions coincide (``*_sum``)
+        self.f_pat, self.f_src, self.f_coef, self.f_sum = _csr_entries(
+            re_im(p), re_im(q), 2 * Oh, 2 * Ih, both(1.0 / (I * torch.where(_edge(p, O), 1.0, 2.0).double()))
+        )  # y  <- x
+        self.b_pat, self.b_src, self.b_coef, self.b_sum = _csr_entries(
+            re_im(q), re_im(p), 2 * Ih, 2 * Oh, both(1.0 / (O * torch.where(_edge(q, I), 1.0, 2.0).double()))
+        )  # gx <- gy
         self.g_pat, self.g_pos = _csr_pattern(re_im(p), re_im(slot), 2 * Oh, 2 * self.n_used)  # gc: sampled F·R
-        self._cast: dict = {}
+        self._cache: dict = {}
         self._device_copies: dict = {}
 
     @classmethod
@@ -264,25 +282,42 @@ class FourierPlan:
         """Plan from a ``(2, n)`` position tensor as returned by :func:`peft_positions`."""
         return cls(indices[0], indices[1], out_features, in_features)
 
-    def _in(self, dtype: torch.dtype) -> dict:
-        if dtype not in self._cast:
-            self._cast[dtype] = {k: getattr(self, k).to(dtype) for k in ("f_coef", "b_coef", "sign")}
-        return self._cast[dtype]
-
     def map(self, spectrum: torch.Tensor, scaling: float, direction: str) -> torch.Tensor:
-        """The real CSR map of ``direction`` ("forward": x -> y, "backward": gy -> gx) for these coefficients."""
-        cast = self._in(spectrum.dtype)
-        forward = direction == "forward"
-        w = spectrum.detach() * (scaling * cast["f_coef" if forward else "b_coef"])
-        pattern, pos = (self.f_pat, self.f_pos) if forward else (self.b_pat, self.b_pos)
-        values = w.new_zeros(pattern[1].numel()).index_add_(0, pos, torch.cat([w, w * cast["sign"]]))
-        Oh2, Ih2 = 2 * (self.out_features // 2 + 1), 2 * (self.in_features // 2 + 1)
-        return _csr(pattern, values, (Oh2, Ih2) if forward else (Ih2, Oh2))
+        """The real CSR map of ``direction`` ("forward": x -> y, "backward": gy -> gx) for these
+        coefficients. One CSR tensor per (direction, dtype, scaling) is kept and its values are
+        rewritten in place: a map is consumed within the forward or backward call that asks for it."""
+        key = (direction, spectrum.dtype, scaling)
+        hit = self._cache.get(key)
+        if hit is None:
+            forward = direction == "forward"
+            pattern, coef = (self.f_pat, self.f_coef) if forward else (self.b_pat, self.b_coef)
+            Oh2, Ih2 = 2 * (self.out_features // 2 + 1), 2 * (self.in_features // 2 + 1)
+            values = coef.new_zeros(pattern[1].numel(), dtype=spectrum.dtype)
+            csr = _csr(pattern, values, (Oh2, Ih2) if forward else (Ih2, Oh2))
+            src, sums = (self.f_src, self.f_sum) if forward else (self.b_src, self.b_sum)
+            hit = self._cache[key] = (csr, values, src, (coef * scaling).to(spectrum.dtype), sums)
+        csr, values, src, coef, sums = hit
+        if sums is None:  # one entry per slot
+            torch.mul(spectrum.detach().index_select(0, src), coef, out=values)
+        else:
+            values.zero_().index_add_(0, sums, spectrum.detach().index_select(0, src) * coef)
+        return csr
 
-    def coefficient_grad(self, sampled: torch.Tensor) -> torch.Tensor:
-        """Σ_t Re(conj(F) phi(R)) per position from the sampled real·real and imag·imag sums."""
-        both = sampled.index_select(0, self.g_pos).view(2, self.n)
-        return both[0] + self._in(sampled.dtype)["sign"] * both[1]
+    def sample_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """CSR pattern (zero values) of the coefficient gradient's sampled product."""
+        key = ("mask", dtype)
+        if key not in self._cache:
+            shape = (2 * (self.out_features // 2 + 1), self.used2.numel())
+            self._cache[key] = _csr(self.g_pat, self.sign.new_zeros(self.g_pat[1].numel(), dtype=dtype), shape)
+        return self._cache[key]
+
+    def coefficient_grad(self, sampled: torch.Tensor, scaling: float) -> torch.Tensor:
+        """scaling / (out in) Σ_t Re(conj(F) phi(R)) per position, from the sampled re·re and im·im sums."""
+        key = ("grad", sampled.dtype, scaling)
+        if key not in self._cache:
+            factor = scaling / (self.out_features * self.in_features)
+            self._cache[key] = (torch.stack([torch.ones_like(self.sign), self.sign]) * factor).to(sampled.dtype)
+        return (sampled.index_select(0, self.g_pos).view(2, self.n) * self._cache[key]).sum(0)
 
     def to(self, device: Union[str, torch.device]) -> "FourierPlan":
         """This plan on ``device`` (copies are memoised per device)."""
@@ -298,8 +333,11 @@ class FourierPlan:
                 value = getattr(self, name)
                 moved = tuple(t.to(device) for t in value) if isinstance(value, tuple) else value.to(device)
                 setattr(new, name, moved)
+            for name in ("f_sum", "b_sum"):
+                value = getattr(self, name)
+                setattr(new, name, None if value is None else value.to(device))
             new.device = device
-            new._cast = {}
+            new._cache = {}
             new._device_copies = {}
             self._device_copies[key] = new
         return new
@@ -458,7 +496,7 @@ class _FourierLinearFn(torch.autograd.Function):
                 gx = torch.empty((T, I), dtype=ctx.x_dtype, device=g2d.device)
         if need_c:
             kept, rows = ctx.saved_tensors[1], plan.used2.numel()
-            mask = _csr(plan.g_pat, g2d.new_zeros(plan.g_pat[1].numel(), dtype=cdtype), (2 * (O // 2 + 1), rows))
+            mask = plan.sample_mask(cdtype)
             acc = torch.zeros_like(mask.values())
         for t0, t1 in ctx.chunks:
             spec = _planar(g2d[t0:t1].to(cdtype))  # (2O', Tc)
@@ -468,7 +506,7 @@ class _FourierLinearFn(torch.autograd.Function):
             if need_x:
                 _inverse_planar(_apply(bmap, spec), I, gx[t0:t1], add=base is not None)
         grad_x = gx.reshape(ctx.x_shape) if need_x else None
-        grad_c = (plan.coefficient_grad(acc) * (scaling / (O * I))).to(ctx.c_dtype) if need_c else None
+        grad_c = plan.coefficient_grad(acc, scaling).to(ctx.c_dtype) if need_c else None
         return grad_x, grad_c, None, None, None, None
 
 
