@@ -387,14 +387,11 @@ def _planar(mat: torch.Tensor) -> torch.Tensor:
     return spec.permute(1, 2, 0).contiguous().view(-1, mat.shape[0])  # the copy into planar rows
 
 
-def _inverse_planar(planar: torch.Tensor, n_out: int, out: torch.Tensor, add: bool = False) -> None:
-    """Inverse of :func:`_planar` for a (2 K', T) half spectrum, written into ``out`` (T, n_out),
-    or added to it."""
+def _inverse_planar(planar: torch.Tensor, n_out: int, out: torch.Tensor) -> None:
+    """Inverse of :func:`_planar` for a (2 K', T) half spectrum, written into ``out`` (T, n_out)."""
     T = planar.shape[1]
     spec = torch.view_as_complex(planar.view(-1, 2, T).permute(2, 0, 1).contiguous())  # (T, K')
-    if add:
-        out.add_(torch.fft.irfft(spec, n=n_out, dim=-1))
-    elif out.dtype == planar.dtype:
+    if out.dtype == planar.dtype:
         torch.fft.irfft(spec, n=n_out, dim=-1, out=out)
     else:
         out.copy_(torch.fft.irfft(spec, n=n_out, dim=-1))
@@ -438,9 +435,9 @@ class _FourierLinearFn(torch.autograd.Function):
     conjugation): the two maps are CSR products on planar spectra, the coefficient gradient a
     sampled dense product on the same pattern.
 
-    With a frozen ``base`` weight (and bias) the layer's own GEMMs run here too and the spectral
-    terms are added into their results chunk by chunk, which saves autograd a node and a full
-    output-sized and input-sized sum per call.
+    With a frozen ``base`` weight (and bias) the layer's own GEMMs run here too, accumulating into
+    the spectral results (BLAS ``beta=1``), which saves autograd a node and a full output-sized and
+    input-sized sum per call.
     """
 
     @staticmethod
@@ -453,23 +450,25 @@ class _FourierLinearFn(torch.autograd.Function):
         ctx.plan, ctx.scaling, ctx.cdtype = plan, scaling, cdtype
         ctx.x_shape, ctx.x_dtype, ctx.c_dtype = x.shape, x.dtype, spectrum.dtype
         ctx.base_weight = base_weight  # frozen: kept by reference, like F.linear keeps it
-        if base_weight is not None:
-            y = F.linear(x2d, base_weight, base_bias)
         if T == 0 or plan.n == 0:
             ctx.save_for_backward(spectrum)
-            return (y if base_weight is not None else x.new_zeros((T, O))).reshape(*lead, O)
+            y = F.linear(x2d, base_weight, base_bias) if base_weight is not None else x.new_zeros((T, O))
+            return y.reshape(*lead, O)
 
         fmap = plan.map(spectrum.to(cdtype), scaling, "forward")
         ctx.chunks = _chunks(T, I, O, torch.finfo(cdtype).bits // 8)
         rows = plan.used2.numel()
         kept = x2d.new_empty((rows * T,), dtype=cdtype) if ctx.needs_input_grad[1] else None
-        if base_weight is None:
-            y = torch.empty((T, O), dtype=x.dtype, device=x.device)
+        y = torch.empty((T, O), dtype=x.dtype, device=x.device)
         for t0, t1 in ctx.chunks:
             spec = _planar(x2d[t0:t1].to(cdtype))  # (2I', Tc)
             if kept is not None:
                 torch.index_select(spec, 0, plan.used2, out=kept[rows * t0 : rows * t1].view(rows, t1 - t0))
-            _inverse_planar(_apply(fmap, spec), O, y[t0:t1], add=base_weight is not None)
+            _inverse_planar(_apply(fmap, spec), O, y[t0:t1])
+        if base_weight is not None:
+            y.addmm_(x2d, base_weight.T)
+            if base_bias is not None:
+                y += base_bias
         ctx.save_for_backward(spectrum, *(() if kept is None else (kept,)))
         return y.reshape(*lead, O)
 
@@ -482,18 +481,16 @@ class _FourierLinearFn(torch.autograd.Function):
         g2d = grad_out.reshape(-1, O)
         T = g2d.shape[0]
         base = ctx.base_weight
-        if need_x:  # the frozen layer's part first
-            gx = (g2d.to(base.dtype) @ base).to(ctx.x_dtype) if base is not None else None
         if T == 0 or plan.n == 0:
-            if need_x and gx is None:
-                gx = g2d.new_zeros((T, I), dtype=ctx.x_dtype)
-            grad_x = gx.reshape(ctx.x_shape) if need_x else None
+            grad_x = None
+            if need_x:
+                gx = g2d.to(base.dtype) @ base if base is not None else g2d.new_zeros((T, I))
+                grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
             return grad_x, (torch.zeros_like(spectrum) if need_c else None), None, None, None, None
 
         if need_x:
             bmap = plan.map(spectrum.to(cdtype), scaling, "backward")
-            if gx is None:
-                gx = torch.empty((T, I), dtype=ctx.x_dtype, device=g2d.device)
+            gx = torch.empty((T, I), dtype=ctx.x_dtype, device=g2d.device)
         if need_c:
             kept, rows = ctx.saved_tensors[1], plan.used2.numel()
             mask = plan.sample_mask(cdtype)
@@ -504,7 +501,9 @@ class _FourierLinearFn(torch.autograd.Function):
                 kept_c = kept[rows * t0 : rows * t1].view(rows, t1 - t0)
                 acc += torch.sparse.sampled_addmm(mask, spec, kept_c.T, beta=0.0).values()
             if need_x:
-                _inverse_planar(_apply(bmap, spec), I, gx[t0:t1], add=base is not None)
+                _inverse_planar(_apply(bmap, spec), I, gx[t0:t1])
+        if need_x and base is not None:
+            gx.addmm_(g2d.to(base.dtype), base)  # + the frozen layer's gy·W
         grad_x = gx.reshape(ctx.x_shape) if need_x else None
         grad_c = plan.coefficient_grad(acc, scaling).to(ctx.c_dtype) if need_c else None
         return grad_x, grad_c, None, None, None, None

@@ -140,24 +140,25 @@ class _BatLinear(torch.autograd.Function):
             core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
             buf = core if buf is None else buf
             torch.mm(core.view((b - a) * r, -1), x2.T, out=y_t[a * r : b * r])  # W(I+B) rows · xᵀ
-        y = y_t.T + _fold(x2, r) @ block.reshape(-1, r).T  # + fold(x)·B_iᵀ: (T, out)
+        folded = _fold(x2, r)  # (T, r)
+        y = y_t.T + folded @ block.reshape(-1, r).T  # + fold(x)·B_iᵀ: (T, out)
         if bias is not None:
             y = y + bias.to(dtype)
-        ctx.save_for_backward(x, weight, block)
+        ctx.save_for_backward(x, weight, block, folded)
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, block = ctx.saved_tensors
+        x, weight, block, folded = ctx.saved_tensors
         ni, r, _ = block.shape
         dtype = block.dtype
         gy2 = gy.reshape(-1, gy.shape[-1]).to(dtype)  # (T, out)
-        gy_t = gy2.T.contiguous()  # (out, T): row chunks are contiguous
+        gy_t = gy2.T  # (out, T) view: BLAS reads its row chunks transposed, no copy
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         wv = weight.to(dtype).reshape(ni, -1, r)
         want_x, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        gx = x2.new_zeros(x2.shape) if want_x else None
+        gx = x2.new_empty(x2.shape) if want_x else None
         gb = torch.empty_like(block) if want_b else None
         scale = block + torch.eye(r, dtype=dtype, device=block.device)
         buf = None
@@ -166,7 +167,8 @@ class _BatLinear(torch.autograd.Function):
             if want_x:
                 core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
                 buf = core if buf is None else buf
-                gx.addmm_(gy_t[rows].T, core.view((b - a) * r, -1))  # gy_c · W(I+B)_c
+                # gy_c · W(I+B)_c, the first chunk written (no zero fill), the others accumulated
+                torch.addmm(gx, gy_t[rows].T, core.view((b - a) * r, -1), beta=0.0 if a == 0 else 1.0, out=gx)
             if want_b:
                 g = torch.mm(gy_t[rows], x2, out=None if buf is None else buf[: b - a].view((b - a) * r, -1))
                 buf = g.view(b - a, -1, r) if buf is None else buf
@@ -176,7 +178,7 @@ class _BatLinear(torch.autograd.Function):
             gx.view(gx.shape[0], -1, r).add_(g_fold.unsqueeze(1))
             gx = gx.view(x.shape).to(x.dtype)
         if want_b:
-            gb += (gy_t @ _fold(x2, r)).view_as(block)  # gy_iᵀ fold(x)
+            gb += (gy_t @ folded).view_as(block)  # gy_iᵀ fold(x)
         gbias = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return gx, None, gb, gbias
 
