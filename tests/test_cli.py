@@ -222,6 +222,55 @@ def test_trained_adapters_load_in_peft_with_the_same_outputs(tiny, trained, tmp_
             torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4, msg=lambda m: f"{method}: {m}")
 
 
+_PEFT_DEMO_SCRIPT = """
+import json, sys, torch, peft
+from safetensors.torch import load_file, save_file
+from deltatune.cli.models import load_classifier
+folder, inputs_file, version = sys.argv[1], sys.argv[2], sys.argv[3]
+assert peft.__version__ == version, peft.__version__
+base, _ = load_classifier(None, 2)  # the documented recipe (docs/trainer.md): MiniLM with its mean pooling
+model = peft.PeftModel.from_pretrained(base, folder).eval()
+assert type(model.base_model).__module__.startswith("peft."), type(model.base_model)
+with torch.no_grad():
+    save_file({"logits": model(**load_file(inputs_file)).logits.contiguous()}, folder + "/peft_logits.safetensors")
+"""
+
+
+def test_demo_adapter_loads_in_peft_with_the_same_outputs(tmp_path, capsys):
+    """`deltatune demo` (its default method, on MiniLM + Rotten Tomatoes, a tiny subset) saves an adapter that
+    the real PEFT loads -- 0.18.1 for Bone, the last release with it -- with deltatune's outputs."""
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.cli.models import load_classifier
+
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(["demo", "--limit", 80, "--steps", 2, "--batch-size", 8, "--max-length", 24,
+                                 "--lr", "5e-2", "--threads", 1, "--no-progress", "-o", out], capsys)
+    assert code == 0, err
+    assert "accuracy before training" in stdout and "head-only baseline" in stdout
+    saved = json.loads((out / "adapter_config.json").read_text())
+    spec = options.resolve_method(saved["peft_type"])
+    version = "0.18.1" if spec.peft_type == "BONE" else "0.21.2"
+    base, tokenizer = load_classifier(None, 2)
+    inputs = dict(tokenizer(["a superb, moving film", "dull and far too long", "it is a film"], padding=True,
+                            return_tensors="pt"))
+    save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+    if version == "0.18.1":
+        env["PYTHONPATH"] = str(PEFT018)
+    proc = subprocess.Popen([sys.executable, "-c", _PEFT_DEMO_SCRIPT, str(out), str(tmp_path / "inputs.safetensors"),
+                             version], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    model = dt.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        plain = load_classifier(None, 2)[0].eval()(**inputs).logits
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    theirs = load_file(out / "peft_logits.safetensors")["logits"]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, ours, atol=1e-3)  # the saved adapter and head do change the outputs
+
+
 # --------------------------------------------------------------------------- merge
 
 
@@ -334,6 +383,20 @@ def test_compare_two_methods(tiny, tmp_path, capsys):
     assert _is_png(out / "compare.png")
     assert (out / "bone" / "adapter_model.safetensors").is_file()
 
+    # --replot: the table and plot again from compare.json alone (no training, no model)
+    (out / "compare.md").unlink()
+    (out / "compare.png").unlink()
+    code, stdout, err = run_cli(["compare", "--replot", "-o", out], capsys)
+    assert code == 0, err
+    assert (out / "compare.md").read_text() == table and _is_png(out / "compare.png")
+    assert "PEFT reference" not in table  # not the reference settings: no reference column or marks
+
+    from deltatune.cli import compare, plots
+
+    rows = [dict(r, label=r["method"]) for r in results]
+    plots.compare_plot(rows, tmp_path / "ref.png", "reference marks", reference=compare.PEFT_REFERENCE)
+    assert _is_png(tmp_path / "ref.png")
+
 
 # --------------------------------------------------------------------------- bad arguments
 
@@ -354,6 +417,7 @@ BAD = {
     "bad --set": (["train", "--set", "r"], "field=value"),
     "bad config value": (["train", "-m", "bone", "--set", "r=-1"], "invalid bone config"),
     "missing data column": (["train", "--text-column", "review"], "no text column 'review'"),
+    "missing column of the default data": (["train", "--label-column", "stars"], "no label column 'stars'"),
     "missing model folder": (["train", "--model", "/no/such/model"], "does not exist locally"),
     "missing data file": (["train", "--data", "/no/such/file.csv"], "not found"),
     "unknown option": (["train", "--stpes", "3"], "unrecognized arguments"),
@@ -361,6 +425,8 @@ BAD = {
     "compare unknown method": (["compare", "-m", "head,nope"], "unknown method 'nope'"),
     "merge not an adapter": (["merge", "/no/such/adapter", "-o", "x"], "not an adapter folder"),
     "inspect missing": (["inspect", "/no/such/adapter"], "does not exist"),
+    "compare replot without results": (["compare", "--replot", "-o", "/no/such/folder"], "does not exist"),
+    "inspect unknown option": (["inspect", "/no/such/adapter", "--steps", "3"], "deltatune inspect: error: unrecognized"),
 }
 
 

@@ -69,10 +69,44 @@ def reference_settings(args: Any) -> bool:
             and args.batch_size == 32 and args.max_length == 64 and args.seed == 0 and args.eval_limit is None)
 
 
+def reference_from_results(results: list[dict[str, Any]]) -> bool:
+    """:func:`reference_settings` read back from ``compare.json`` (for ``--replot``)."""
+    if not results:
+        return False
+    r = results[0]
+    if not (r.get("model") == "all-MiniLM-L6-v2" and str(r.get("data", "")).startswith("Rotten Tomatoes")
+            and (r.get("steps"), r.get("batch_size"), r.get("max_length"), r.get("seed")) == (300, 32, 64, 0)):
+        return False
+    from .data import load_rotten_tomatoes
+
+    return r.get("eval_examples") == len(load_rotten_tomatoes(test_fraction=0.2, seed=0)[1])  # all of the test split
+
+
+def replot(ns: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """``compare --replot``: rewrite compare.md and compare.png from ``--output``'s compare.json (no training)."""
+    out = Path(ns.output).expanduser()
+    path = out / "compare.json"
+    if not path.is_file():
+        raise UsageError(f"--replot: {str(path)!r} does not exist (run `deltatune compare -o {out}` first)")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--replot: {path} is not readable JSON: {error}") from None
+    if not isinstance(results, list) or not results or not all(isinstance(r, dict) and "accuracy" in r for r in results):
+        raise UsageError(f"--replot: {path} does not hold the results of `deltatune compare`")
+    reference = reference_from_results(results)
+    write_reports(results, out, reference)
+    log(markdown_table(results, reference))
+    log(f"wrote {out / 'compare.md'}, {out / 'compare.png'}")
+    return results
+
+
 def run_compare(ns: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     from .main import _train_args
     from .train import prepare, run_train
 
+    if getattr(ns, "replot", False):
+        return replot(ns, log)
     methods = split_methods(ns.methods)
     sets = scoped_sets(ns.sets, methods)
     if ns.threads is None:
@@ -98,7 +132,7 @@ def run_compare(ns: argparse.Namespace, log: Callable[[str], None] = print) -> l
     results = []
     for args in planned:
         results.append(run_train(args, log))
-        write_reports(results, out, args)  # partial tables survive an interrupted comparison
+        write_reports(results, out, reference_settings(args))  # partial tables survive an interrupted comparison
     table = markdown_table(results, reference_settings(planned[0]))
     log("")
     log(table)
@@ -113,20 +147,22 @@ def _check_peft() -> None:
         raise UsageError("--peft needs the peft package: pip install peft==0.21.2") from None
 
 
-def write_reports(results: list[dict[str, Any]], out: Path, args: Any) -> None:
+def write_reports(results: list[dict[str, Any]], out: Path, reference: bool) -> None:
+    """compare.json, compare.md and compare.png in ``out``; ``reference``: the run used the reference settings."""
     from deltatune.io.files import atomic_write_text
 
     from . import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    reference = reference_settings(args)
     atomic_write_text(out / "compare.json", json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write_text(out / "compare.md", markdown_table(results, reference) + "\n")
     rows = [dict(r, label=_label(r)) for r in results]
     first = results[0]
-    title = (f"{first['model']} on {first['data']}: {first['steps']} steps of {first['batch_size']}, "
-             f"seed {first['seed']}, {first['threads']} thread(s)")
-    plots.compare_plot(rows, out / "compare.png", title)
+    title = (f"{first['model']} on {first['data']}: {first['steps']} steps, batch {first['batch_size']}, "
+             f"max length {first['max_length']}, seed {first['seed']}, {first['threads']} thread(s); "
+             f"accuracy on {first['eval_examples']:,} test examples")
+    plots.compare_plot(rows, out / "compare.png", title, reference=PEFT_REFERENCE if reference else None,
+                       reference_label="PEFT 0.21.2 reference")
 
 
 def _label(r: dict[str, Any]) -> str:

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "commas also separate")
     _add_train_options(p, compare=True)
     p.add_argument("--output", "-o", default="runs/compare", help="folder for the table, plot and adapters")
+    p.add_argument("--replot", action="store_true",
+                   help="no training: rewrite compare.md and compare.png from the compare.json in --output")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("merge", help="base model + adapter -> merged model folder (safetensors)",
@@ -250,11 +252,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_libraries()
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extras = parser.parse_known_args(argv)
+    prog = f"deltatune {ns.command}" if ns.command else "deltatune"
+    if extras:  # argparse would name the top-level parser; say which command did not take them
+        parser.exit(EXIT_USAGE, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
     if ns.command is None:
         parser.print_help()
         return EXIT_USAGE
-    prog = f"deltatune {ns.command}"
     try:
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt:

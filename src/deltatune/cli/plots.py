@@ -65,13 +65,17 @@ def params_per_module(counts: dict[str, int], path: Path, title: str) -> Path:
     plt = _plt()
     names = list(counts)
     labels = short_names(names)
+    values = [counts[n] for n in names]
     fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(names) + 1.2)), layout="constrained")
-    ax.barh(range(len(names)), [counts[n] for n in names], color="#4C72B0")
+    ax.barh(range(len(names)), values, color="#4C72B0")
+    for i, v in enumerate(values):  # the exact count at the end of each bar
+        ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+    ax.set_xlim(0, max(values + [1]) * 1.15)
     ax.set_yticks(range(len(names)), [labels[n] for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("trainable parameters (count; stored frozen bases excluded)")
     ax.set_ylabel("module")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{len(names)} modules, {sum(values):,} parameters in all", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
@@ -102,11 +106,12 @@ def rank_heatmap(kept: dict[str, int], init_r: Optional[int], path: Path, title:
         for j, value in enumerate(row):
             if not (isinstance(value, float) and math.isnan(value)):
                 ax.text(j, i, f"{int(value)}", ha="center", va="center", color="white" if value < 0.6 * top else "black", fontsize=9)
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    slanted = max(len(c) for c in cols) > 8  # short names ("query", "value") read best upright
+    ax.set_xticks(range(len(cols)), cols, rotation=30 if slanted else 0, ha="right" if slanted else "center", fontsize=9)
     ax.set_yticks(range(len(rows)), ylabels, fontsize=8)
     ax.set_xlabel("module type")
     ax.set_ylabel(row_label)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\n{sum(kept.values())} ranks kept in {len(kept)} modules", fontsize=10)
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"kept rank (of init_r = {top})")
     return _save(fig, path)
@@ -124,8 +129,9 @@ def spectrum_plot(spectra: dict[str, Any], path: Path, title: str, scaling: Opti
         mags = spectra[name].detach().float().abs().flatten().sort(descending=True).values.numpy()
         left.plot(range(1, len(mags) + 1), mags, color=cmap(i / max(1, len(names) - 1)), lw=1, label=labels[name])
     left.set_yscale("log")
-    left.set_xlabel("coefficient, sorted by magnitude (rank)")
-    unit = f"|c| (ΔW = {scaling:g}·Re IDFT2(c))" if scaling else "|c| (spectral coefficient)"
+    left.set_xlabel("coefficient rank (sorted by |c|, largest first)")
+    unit = (f"magnitude |c| (no unit; ΔW = {scaling:g}·Re IDFT2(c))" if scaling
+            else "magnitude |c| of the spectral coefficient (no unit)")
     left.set_ylabel(unit)
     left.set_title("sorted coefficient magnitudes per module")
     left.grid(alpha=0.3, which="both")
@@ -135,16 +141,23 @@ def spectrum_plot(spectra: dict[str, Any], path: Path, title: str, scaling: Opti
     right.barh(range(len(names)), means, color="#DD8452")
     right.set_yticks(range(len(names)), [labels[n] for n in names], fontsize=8)
     right.invert_yaxis()
-    right.set_xlabel("mean |c| over the module's coefficients")
+    right.set_xlabel("mean |c| over the module's coefficients (no unit)")
+    right.set_ylabel("module")
     right.set_title("mean magnitude per module")
     right.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
 
 
-def compare_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Five panels, one bar per run: accuracy, trainable parameters, step time, peak memory, adapter size."""
+def compare_plot(rows: list[dict[str, Any]], path: Path, title: str,
+                 reference: Optional[dict[str, float]] = None, reference_label: str = "PEFT reference") -> Path:
+    """Five panels, one bar per run: accuracy, trainable parameters, step time, peak memory, adapter size.
+
+    ``reference`` (method -> accuracy in %) marks each run's reference figure on the accuracy panel,
+    with the band of +-1.5 points around it; a dashed line marks the head-only accuracy + 3 points.
+    """
     plt = _plt()
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     from matplotlib.ticker import NullFormatter
 
@@ -155,7 +168,7 @@ def compare_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     panels = [
         ("accuracy", "test accuracy (%)", lambda r: 100 * r["accuracy"], "{:.1f}"),
         ("params", "trainable parameters (count)", lambda r: r["trainable_params"], "{:,.0f}"),
-        ("step", "time per training step (s" + (", CPU time of 1 thread)" if cpu else ", wall clock)"),
+        ("step", "time per training step (s; median" + (", CPU time of the main thread)" if cpu else ", wall clock)"),
          lambda r: (r.get("step_cpu_s") if cpu else r.get("step_wall_s")) or 0, "{:.3g}"),
         ("memory", "peak memory of a training step (MiB)", lambda r: (r.get("peak_memory_bytes") or 0) / 2**20, "size"),
         ("size", "saved weights file (kB)", lambda r: (r.get("adapter_bytes") or 0) / 1e3, "size"),
@@ -172,12 +185,25 @@ def compare_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             xlabel = xlabel[:-1] + ", log scale)"
             ax.set_xlim(min(positive) / 2, max(positive) * 8)
         elif key == "accuracy":
-            ax.set_xlim(max(0.0, min(values) - 10), min(100.0, max(values) + 4))
+            marks = [(i, reference[r["method"]]) for i, r in enumerate(rows) if reference and r["method"] in reference]
+            low = min(values + [m for _, m in marks])
+            high = max(values + [m for _, m in marks])
+            ax.set_xlim(max(0.0, low - 10), min(100.0, high + 5))
+            for i, mark in marks:  # the reference figure and its +-1.5-point band, over the bar
+                ax.plot([mark - 1.5, mark + 1.5], [i, i], color="black", lw=1, alpha=0.6, zorder=3)
+                ax.plot([mark], [i], marker="|", markersize=16, mew=2, color="black", zorder=4)
+            head = next((v for v, r in zip(values, rows) if r["method"] == "head"), None)
+            if head is not None and len(rows) > 1:
+                ax.axvline(head + 3, color="#8C8C8C", ls="--", lw=1, zorder=1)
         else:
             ax.set_xlim(0, max(values + [1e-9]) * 1.25)
         for i, v in enumerate(values):
-            text = (f"{v:,.0f}" if v >= 100 else f"{v:.3g}") if fmt == "size" else fmt.format(v)
-            ax.text(v, i, " " + text, va="center", fontsize=8)
+            text = (f"{v:,.0f}" if v >= 100 else f"{v:.1f}") if fmt == "size" else fmt.format(v)
+            if key == "accuracy":  # inside the bar, at its start: the bar's end is left to the reference marks
+                ax.text(ax.get_xlim()[0], i, f"  {text}", va="center", ha="left", fontsize=8, color="white",
+                        fontweight="bold", zorder=5)
+            else:
+                ax.text(v, i, " " + text, va="center", ha="left", fontsize=8)
         ax.set_yticks(range(len(rows)), labels, fontsize=9)
         ax.invert_yaxis()
         ax.set_xlabel(xlabel, fontsize=9)
@@ -186,7 +212,12 @@ def compare_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     legend_ax.axis("off")
     used = {"head": "head only (baseline)", "deltatune": "deltatune", "peft": "PEFT"}
     kinds = {"head" if r["method"] == "head" else r["backend"] for r in rows}
-    legend_ax.legend(handles=[Patch(color=palette[k], label=used[k]) for k in used if k in kinds], loc="center",
-                     title="bars", frameon=False)
+    handles: list[Any] = [Patch(color=palette[k], label=used[k]) for k in used if k in kinds]
+    if reference and any(r["method"] in reference for r in rows):
+        handles.append(Line2D([], [], color="black", marker="|", markersize=12, mew=2, lw=1, alpha=0.8,
+                              label=f"{reference_label} ± 1.5 points (accuracy panel)"))
+    if any(r["method"] == "head" for r in rows) and len(rows) > 1:
+        handles.append(Line2D([], [], color="#8C8C8C", ls="--", lw=1, label="head-only accuracy + 3 points"))
+    legend_ax.legend(handles=handles, loc="center", title="colours and marks", frameon=False)
     fig.suptitle(title)
     return _save(fig, path)

@@ -394,6 +394,11 @@ def folder_bytes(folder: Path, names: tuple[str, ...]) -> int:
 def prepare(args: TrainArgs) -> tuple[MethodSpec, Optional[dict], str]:
     """Validate the arguments that need no model (fast failure before any loading)."""
     spec, file_data = resolve_spec(args)
+    if not args.data:  # the built-in data: a column option naming anything else is a mistake, not a no-op
+        for option, column, default in (("text", args.text_column, "text"), ("label", args.label_column, "label")):
+            if column != default:
+                raise UsageError(f"Rotten Tomatoes (the default data): no {option} column {column!r}; available "
+                                 f"columns: 'text', 'label' (--{option}-column names a column of a --data file)")
     kind = detect_task(args)
     if spec.is_head and kind == LM:
         raise UsageError("method 'head' (head only) needs a classification task; a causal LM has no new head")
@@ -445,7 +450,7 @@ def run_train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, 
     model = wrap_model(base, spec, config, backend == "peft")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    log(f"[{label}] {_describe(spec, config)}: {trainable:,} trainable parameters "
+    log(f"[{label}] {_describe(spec, config, model)}: {trainable:,} trainable parameters "
         f"({100 * trainable / total_params:.3f} % of {total_params:,})")
 
     lr, head_lr = learning_rates(spec, args.lr, args.head_lr)
@@ -607,7 +612,7 @@ def _config_summary(config: Any) -> Optional[dict]:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items() if v is not None}
 
 
-def _describe(spec: MethodSpec, config: Any) -> str:
+def _describe(spec: MethodSpec, config: Any, model: Any = None) -> str:
     if spec.is_head:
         return "head only"
     from .options import settable_fields
@@ -615,6 +620,9 @@ def _describe(spec: MethodSpec, config: Any) -> str:
     shown = {k: getattr(config, k) for k in spec.preset.fields if k in settable_fields(type(config))}
     shown.update(spec.implied)
     targets = config.target_modules
+    if targets is None:  # PEFT resolves its default targets in its own copy of the config
+        live = getattr(model, "peft_config", None)
+        targets = getattr(live.get("default"), "target_modules", None) if isinstance(live, dict) else None
     where = "default targets" if targets is None else ("on " + ", ".join(sorted(targets)) if not isinstance(targets, str) else f"on /{targets}/")
     return f"{type(config).__name__}({', '.join(f'{k}={v}' for k, v in shown.items())}) {where}"
 
