@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .options import HEAD, UsageError, default_compare_methods, parse_sets, resolve_method, settable_fields
+from .options import HEAD, UsageError, default_compare_methods, parse_sets, read_json, resolve_method, settable_fields
 
 # PEFT 0.21.2's figures on the default task (300 steps, batch 32, max length 64, seed 0, adapters on
 # query/value), from the issue that asked for this command; shown when the run uses those settings.
@@ -88,10 +88,7 @@ def replot(ns: argparse.Namespace, log: Callable[[str], None] = print) -> list[d
     path = out / "compare.json"
     if not path.is_file():
         raise UsageError(f"--replot: {str(path)!r} does not exist (run `deltatune compare -o {out}` first)")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--replot: {path} is not readable JSON: {error}") from None
+    results = read_json(path, "--replot: ")
     if not isinstance(results, list) or not results or not all(isinstance(r, dict) and "accuracy" in r for r in results):
         raise UsageError(f"--replot: {path} does not hold the results of `deltatune compare`")
     reference = reference_from_results(results)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .options import UsageError
+from .options import UsageError, read_json
 
 MODEL_PREFIX = "base_model.model."
 # Checkpoint tensors that are stored but never trained (RandLoRA's shared random bases, kept in
@@ -34,10 +34,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UsageError(f"adapter folder {str(folder)!r} does not exist")
     if not config_path.is_file():
         raise UsageError(f"{str(folder)!r} has no adapter_config.json: not an adapter folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{config_path} is not valid JSON: {error}") from None
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise UsageError(f"{config_path} must hold a JSON object")
     return config, load_tensors(folder)

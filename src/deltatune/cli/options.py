@@ -218,6 +218,14 @@ def parse_sets(items: Optional[list[str]]) -> dict[str, Any]:
     return out
 
 
+def read_json(path: Path, prefix: str = "") -> Any:
+    """The value a JSON file holds; an unreadable or malformed file is one usage error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise UsageError(f"{prefix}{path} is not a readable JSON file: {error}") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The JSON object of a PEFT-format ``adapter_config.json`` (a folder holding one is accepted)."""
     path = Path(path).expanduser()
@@ -225,10 +233,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         path = path / "adapter_config.json"
     if not path.is_file():
         raise UsageError(f"--config: adapter config file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"--config: {path} is not a readable JSON file: {error}") from None
+    data = read_json(path, "--config: ")
     if not isinstance(data, dict):
         raise UsageError(f"--config: {path} must hold a JSON object, got {type(data).__name__}")
     return data
