@@ -94,6 +94,48 @@ class BoneDelta(Delta):
         block = self.bone_block
         return _fold(x.to(block.dtype), self.r) @ block  # (..., r) @ (r, out)
 
+    def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        same_dtype = weight.dtype == x.dtype == self.bone_block.dtype and (bias is None or bias.dtype == x.dtype)
+        if not (frozen and same_dtype):
+            return None
+        return _BoneLinear.apply(x, weight, self.bone_block, bias)
+
+
+class _BoneLinear(torch.autograd.Function):
+    """y = x·Wᵀ + fold(x)·B + bias with W (and bias) frozen, as one autograd node.
+
+    The frozen GEMMs accumulate into the small products (BLAS beta = 1): no output-sized or
+    input-sized sums, and nothing input-sized is kept but x itself. Gradients:
+        grad_x = gy·W + tile(gy·Bᵀ),   grad_B = fold(x)ᵀ·gy
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, block, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        folded = _fold(x2, block.shape[0])  # (T, r)
+        y = folded @ block if bias is None else torch.addmm(bias, folded, block)
+        y.addmm_(x2, weight.T)
+        ctx.save_for_backward(weight, block, folded)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, block, folded = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy2 @ weight  # (T, in)
+            r, n_in = block.shape[0], weight.shape[1]
+            full = n_in - n_in % r
+            g_fold = gy2 @ block.T  # (T, r): the gradient of every r-wide chunk of x
+            gx[:, :full].view(gx.shape[0], -1, r).add_(g_fold.unsqueeze(1))
+            gx[:, full:].add_(g_fold[:, : n_in - full])  # the zero-padded tail chunk
+            gx = gx.view(*gy.shape[:-1], -1)
+        if ctx.needs_input_grad[2]:
+            gb = folded.T @ gy2
+        return gx, None, gb, None
+
 
 def _bat_core(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """W_ij (I + B_i) for every block, as one batched GEMM. weight (out, in), block (out/r, r, r)."""
@@ -120,9 +162,12 @@ def _row_chunks(ni: int, r: int, in_features: int, elements: int = 1 << 21) -> l
 class _BatLinear(torch.autograd.Function):
     """y = x·W'ᵀ + bias with W' = W(I+B) + tile(B), streamed over row-block chunks of W.
 
-    No out×in tensor is ever allocated: each chunk of W(I+B) is built in one small reused buffer
-    and consumed at once, in the forward and again in the backward. The tiled B_i term never
-    becomes a matrix: x·tile(B)ᵀ = fold(x)·B_iᵀ. Gradients, with G = gyᵀx taken chunk by chunk:
+    W(I+B) is built chunk by chunk (8 MiB each) and consumed at once. When grad_x is wanted the
+    chunks are saved for the backward (they are what it multiplies gy with; rebuilding them costs a
+    quarter GEMM at r/T = 64/256, and separate chunks, unlike one weight-sized tensor, reuse freed
+    heap memory instead of page-faulting fresh pages every step); otherwise one buffer is reused.
+    The tiled B_i term never becomes a matrix: x·tile(B)ᵀ = fold(x)·B_iᵀ. Gradients, with
+    G = gyᵀx taken chunk by chunk:
         grad_x = gy·W(I+B) + tile(Σ_i gy_i B_i)
         grad_B_i = Σ_j W_ijᵀ G_ij + gy_iᵀ fold(x)
     """
@@ -134,41 +179,40 @@ class _BatLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         wv = weight.to(dtype).reshape(ni, -1, r)  # (ni, r·nj, r)
         scale = block + torch.eye(r, dtype=dtype, device=block.device)  # I + B_i
-        y_t = x2.new_empty(weight.shape[0], x2.shape[0])  # (out, T)
-        buf = None
+        folded = _fold(x2, r)  # (T, r)
+        tiled = block.reshape(-1, r).T  # (r, out): x·tile(B)ᵀ = fold(x)·B_iᵀ
+        y = folded @ tiled if bias is None else torch.addmm(bias.to(dtype), folded, tiled)  # (T, out)
+        keep = ctx.needs_input_grad[0]  # grad_x needs W(I+B) again: keep its chunks rather than rebuild them
+        cores, buf = [], None
         for a, b in _row_chunks(ni, r, weight.shape[1]):
             core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
-            buf = core if buf is None else buf
-            torch.mm(core.view((b - a) * r, -1), x2.T, out=y_t[a * r : b * r])  # W(I+B) rows · xᵀ
-        folded = _fold(x2, r)  # (T, r)
-        y = y_t.T + folded @ block.reshape(-1, r).T  # + fold(x)·B_iᵀ: (T, out)
-        if bias is not None:
-            y = y + bias.to(dtype)
-        ctx.save_for_backward(x, weight, block, folded)
+            if keep:
+                cores.append(core)
+            elif buf is None:
+                buf = core
+            y[:, a * r : b * r].addmm_(x2, core.view((b - a) * r, -1).T)  # + x·W(I+B)ᵀ for these rows
+        ctx.save_for_backward(x, weight, block, folded, *cores)
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, block, folded = ctx.saved_tensors
+        x, weight, block, folded, *cores = ctx.saved_tensors
         ni, r, _ = block.shape
         dtype = block.dtype
-        gy2 = gy.reshape(-1, gy.shape[-1]).to(dtype)  # (T, out)
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(dtype).contiguous()  # (T, out); an expanded gy (from .sum()) read once
         gy_t = gy2.T  # (out, T) view: BLAS reads its row chunks transposed, no copy
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         wv = weight.to(dtype).reshape(ni, -1, r)
         want_x, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         gx = x2.new_empty(x2.shape) if want_x else None
         gb = torch.empty_like(block) if want_b else None
-        scale = block + torch.eye(r, dtype=dtype, device=block.device)
         buf = None
-        for a, b in _row_chunks(ni, r, weight.shape[1]):
+        for k, (a, b) in enumerate(_row_chunks(ni, r, weight.shape[1])):
             rows = slice(a * r, b * r)
             if want_x:
-                core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
-                buf = core if buf is None else buf
                 # gy_c · W(I+B)_c, the first chunk written (no zero fill), the others accumulated
-                torch.addmm(gx, gy_t[rows].T, core.view((b - a) * r, -1), beta=0.0 if a == 0 else 1.0, out=gx)
+                torch.addmm(gx, gy_t[rows].T, cores[k].view((b - a) * r, -1), beta=0.0 if a == 0 else 1.0, out=gx)
             if want_b:
                 g = torch.mm(gy_t[rows], x2, out=None if buf is None else buf[: b - a].view((b - a) * r, -1))
                 buf = g.view(b - a, -1, r) if buf is None else buf
