@@ -25,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2.75 x hidden)")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--methods", default="fourierft,randlora,adalora,bone")
     ap.add_argument("--passes", type=int, default=3)
@@ -36,7 +37,7 @@ def main() -> None:
     import peft
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden),
+    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate or int(2.75 * args.hidden),
                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 128),
                       num_key_value_heads=max(1, args.hidden // 128))
     base = LlamaForCausalLM(cfg).requires_grad_(False)
