@@ -2,6 +2,9 @@
 deltatune vs PEFT 0.21.2 vs the frozen base (gradient w.r.t. the input embeddings only).
 
     .venv/bin/python benchmarks/bench_model.py [--hidden 1024 --layers 4 --tokens 512]
+    # LLaMA-7B layer shapes (hidden 4096, MLP 11008), two layers:
+    .venv/bin/python benchmarks/bench_model.py --hidden 4096 --intermediate 11008 --layers 2 \
+        --tokens 256 --methods fourierft,bone --name model_step_7b
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--methods", default="fourierft,randlora,adalora,bone")
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--name", default="model_step", help="results file: benchmarks/results/<name>.json/.md")
     args = ap.parse_args()
     harness.setup()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,7 +73,7 @@ def main() -> None:
                      "peft_vs_floor": t["peft"] / t["floor"], "deltatune_vs_peft": t["deltatune"] / t["peft"]})
         print(rows[-1], flush=True)
     cols = ["method", "model", "tokens", "floor_ms", "deltatune_vs_floor", "peft_vs_floor", "deltatune_vs_peft"]
-    print(harness.write("model_step", rows, cols, "Model-level training step, all-linear (one thread)"))
+    print(harness.write(args.name, rows, cols, "Model-level training step, all-linear (one thread)"))
 
 
 if __name__ == "__main__":

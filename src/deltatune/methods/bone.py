@@ -106,7 +106,7 @@ class _BoneLinear(torch.autograd.Function):
     """y = x·Wᵀ + fold(x)·B + bias with W (and bias) frozen, as one autograd node.
 
     The frozen GEMMs accumulate into the small products (BLAS beta = 1): no output-sized or
-    input-sized sums, and nothing input-sized is kept but x itself. Gradients:
+    input-sized sums, and of the input only fold(x) (T×r) is kept. Gradients:
         grad_x = gy·W + tile(gy·Bᵀ),   grad_B = fold(x)ᵀ·gy
     """
 
