@@ -254,7 +254,8 @@ class SVDDelta(Delta):
         return self.scaling / (self.ranknum + 1e-5)  # (1,)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.lora_B @ (self.lora_A * self.lora_E) * self._scale()  # (out, in[·kh·kw])
+        # PEFT's rounding order (·α, then /(ranknum + 1e-5)): merged weights equal PEFT's bit for bit
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)  # (out, in[·kh·kw])
 
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.dtype))
