@@ -390,7 +390,10 @@ def _planar(mat: torch.Tensor) -> torch.Tensor:
 def _inverse_planar(planar: torch.Tensor, n_out: int, out: torch.Tensor) -> None:
     """Inverse of :func:`_planar` for a (2 K', T) half spectrum, written into ``out`` (T, n_out)."""
     T = planar.shape[1]
-    spec = torch.view_as_complex(planar.view(-1, 2, T).permute(2, 0, 1).contiguous())  # (T, K')
+    # rows 2b, 2b+1 = re, im of bin b: the plain 2-D transpose is already the interleaved complex
+    # layout, and as a 2-D copy it takes PyTorch's blocked transpose (up to 3x faster than the 3-D
+    # permute, which thrashes the cache when T is a power of two)
+    spec = torch.view_as_complex(planar.T.contiguous().view(T, -1, 2))  # (T, K')
     if out.dtype == planar.dtype:
         torch.fft.irfft(spec, n=n_out, dim=-1, out=out)
     else:
