@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import time
 
 import torch
@@ -36,12 +37,13 @@ METHODS = {
 }
 
 
+def create(library: str, cls: str, layer: nn.Module, config: dict) -> nn.Module:
+    lib = importlib.import_module("peft" if library == "peft" else "deltatune")
+    return lib.get_peft_model(layer, getattr(lib, cls)(target_modules=["0"], **config))
+
+
 def wrap(library: str, cls: str, base: nn.Linear, config: dict) -> nn.Module:
-    if library == "peft":
-        import peft as lib
-    else:
-        import deltatune as lib
-    model = lib.get_peft_model(nn.Sequential(copy.deepcopy(base)), getattr(lib, cls)(target_modules=["0"], **config))
+    model = create(library, cls, nn.Sequential(copy.deepcopy(base)), config)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -50,8 +52,10 @@ def wrap(library: str, cls: str, base: nn.Linear, config: dict) -> nn.Module:
 
 
 def timed_creation(library: str, cls: str, base: nn.Linear, config: dict) -> float:
+    """Adapter creation alone: the copy of the base layer (the same for both libraries) is made first."""
+    layer = nn.Sequential(copy.deepcopy(base))
     start = time.thread_time()
-    wrap(library, cls, base, config)
+    create(library, cls, layer, config)
     return time.thread_time() - start
 
 
