@@ -83,8 +83,8 @@ def test_one_seed_gives_peft_weights_outputs_and_merges(kind, init):
     assert (_logits(ours, inputs) - expected).abs().max() <= ATOL
     merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
     # same formula in PEFT's rounding order: the merged weights are equal, not merely close
-    theirs_state = merged_theirs.state_dict()
-    assert all(torch.equal(v, theirs_state[k]) for k, v in merged_ours.state_dict().items())
+    ours_state, theirs_state = merged_ours.state_dict(), merged_theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys() and all(torch.equal(v, theirs_state[k]) for k, v in ours_state.items())
     assert torch.equal(_logits(merged_ours, inputs), _logits(merged_theirs, inputs))
 
 
