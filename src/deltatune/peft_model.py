@@ -22,7 +22,8 @@ from .core.modules_to_save import ModulesToSaveWrapper
 from .core.registry import method_for
 from .core.tuner import AdapterModel
 from .io.files import CheckpointFiles, checkpoint_files, ensure_dir, load_weights_file, resolve_local_dir, save_checkpoint, write_model_card
-from .io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .io.formats import export_checkpoint
+from .io.state_dict import get_peft_model_state_dict, load_adapter_state
 
 SEQ_CLS_HEADS = ["classifier", "score"]
 
@@ -64,6 +65,30 @@ class _ModelState:
             p.requires_grad_(self.grads.get(n, p.requires_grad))
 
 
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for parameters reachable under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(name, first.setdefault(id(param), name))
+    return {alias: name for alias, name in aliases.items() if alias != name}
+
+
+def _drop_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    # a tied weight is kept once, under its first name, as transformers' save_pretrained does:
+    # transformers' Trainer writes a non-PreTrainedModel's state_dict() with safetensors, which
+    # refuses two names for one storage ("Some tensors share memory")
+    for alias in _tied_aliases(module):
+        state_dict.pop(prefix + alias, None)
+
+
+def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # the inverse for load_state_dict(strict=True): a missing alias takes its first name's tensor
+    for alias, name in _tied_aliases(module).items():
+        if prefix + alias not in state_dict and prefix + name in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + name]
+
+
 class PeftModel(nn.Module):
     """A base model with adapters. Built by :func:`get_peft_model` or :meth:`from_pretrained`."""
 
@@ -91,6 +116,8 @@ class PeftModel(nn.Module):
         cfg = getattr(model, "config", None)
         if cfg is not None and hasattr(cfg, "pretraining_tp"):
             cfg.pretraining_tp = 1
+        self.register_state_dict_post_hook(_drop_tied_aliases)
+        self.register_load_state_dict_pre_hook(_fill_tied_aliases)
 
     def _prepare_config(self, config: TunerConfig) -> None:
         """Task wrappers adjust the config here (sequence classification adds its head)."""
@@ -109,7 +136,12 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            try:
+                return getattr(self.base_model, name)
+            except AttributeError as exc:
+                if f"'{name}'" not in str(exc):  # raised inside a property of the model: keep it
+                    raise
+                raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'") from None
 
     @property
     def peft_config(self) -> dict[str, TunerConfig]:
@@ -127,6 +159,22 @@ class PeftModel(nn.Module):
     @property
     def peft_type(self) -> str:
         return next(iter(self.peft_config.values())).peft_type if self.peft_config else ""
+
+    @property
+    def active_peft_config(self) -> TunerConfig:
+        """The config of the active adapter."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether some adapter layer runs an adapter now (an active adapter, layers not disabled)."""
+        return any(not m.disable_adapters and m.active_adapters for m in self.base_model.adapter_layers())
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Make the named adapters (and their modules_to_save copies) trainable or frozen, active or not."""
+        from .api import set_requires_grad
+
+        set_requires_grad(self.base_model.model, adapter_names, requires_grad)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -194,10 +242,23 @@ class PeftModel(nn.Module):
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         selected_adapters: Optional[list[str]] = None,
+        save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: Optional[str] = None,
+        peft_format: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter as PEFT does: ``default`` in the folder, others in ``<folder>/<name>/``."""
+        """Write each adapter as PEFT does: ``default`` in the folder, others in ``<folder>/<name>/``.
+
+        ``peft_format``: the PEFT name to write the adapter under where a method has two (Bone
+        adapters are written as MiSS unless ``peft_format="BONE"``, PEFT 0.18.1's format; see
+        :mod:`deltatune.io.formats`). ``save_embedding_layers`` is ignored: no method here adapts
+        embeddings; ``path_initial_model_for_weight_conversion`` (PiSSA/OLoRA) is refused."""
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "path_initial_model_for_weight_conversion converts PiSSA/CorDA/OLoRA LoRA adapters; deltatune's methods "
+                "have no such conversion"
+            )
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -212,8 +273,9 @@ class PeftModel(nn.Module):
         root = ensure_dir(save_directory)
         for name in names:
             folder = root if name == "default" else ensure_dir(root / name)
-            tensors = get_peft_model_state_dict(self.base_model, name)
+            tensors = get_peft_model_state_dict(self.base_model, adapter_name=name)
             data = {k: _json_ready(v) for k, v in self.base_model.config_for_save(name).items()}
+            data, tensors = export_checkpoint(data, tensors, peft_format)
             data["inference_mode"] = True
             base = self.get_base_model()
             if data.get("base_model_name_or_path") is None:
@@ -222,7 +284,7 @@ class PeftModel(nn.Module):
                 data["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
             # both files atomically as a pair: a kill at any point leaves the old or the new checkpoint
             save_checkpoint(folder, json.dumps(data, indent=2, sort_keys=True) + "\n", tensors, safe_serialization)
-            write_model_card(str(folder), data.get("base_model_name_or_path"))
+            write_model_card(str(folder), data)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -240,7 +302,7 @@ class PeftModel(nn.Module):
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
         files = checkpoint_files(folder)
         if config is None:
-            config = PeftConfig.from_json_file(files.config)
+            config = PeftConfig.from_config_file(files.config)
         config.inference_mode = not is_trainable
         wrapper = TASK_WRAPPERS.get(config.task_type, PeftModel) if cls is PeftModel else cls
         before = _ModelState(model)
@@ -258,7 +320,7 @@ class PeftModel(nn.Module):
         if files.weights is None:
             raise FileNotFoundError(f"No adapter_model.safetensors or adapter_model.bin found in {files.folder}")
         tensors = load_weights_file(files.weights, device=device or "cpu")
-        set_peft_model_state_dict(self.base_model, tensors, adapter_name, assign=assign)
+        load_adapter_state(self.base_model, tensors, adapter_name, assign=assign)
 
     def load_adapter(
         self,
@@ -272,7 +334,7 @@ class PeftModel(nn.Module):
     ) -> LoadResult:
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
         files = checkpoint_files(folder)
-        config = PeftConfig.from_json_file(files.config)
+        config = PeftConfig.from_config_file(files.config)
         config.inference_mode = not is_trainable
         known = set(self.peft_config)
         before = _ModelState(self.base_model.model)
@@ -284,9 +346,36 @@ class PeftModel(nn.Module):
                 self.base_model.delete_adapter(adapter_name)
             before.restore(self.base_model.model)
             raise
-        if not is_trainable:
+        if is_trainable:  # trainable at once, as in PEFT, not only once activated
+            self.set_requires_grad(adapter_name, True)
+        else:
             self.eval()
         return LoadResult([], [])
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write (or complete) ``output_dir/README.md`` for the active adapter, as PEFT does."""
+        write_model_card(output_dir, self.base_model.config_for_save(self.active_adapter))
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> str:
+        """Upload with ``huggingface_hub`` (save_pretrained into a temporary folder, then upload_folder)."""
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True", "ON", "on"):
+            raise RuntimeError(
+                f"push_to_hub({repo_id!r}): the Hugging Face Hub is offline here (HF_HUB_OFFLINE is set); "
+                "save_pretrained(folder) and upload the folder later"
+            )
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=kwargs.get("token"))
+        api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=kwargs.get("commit_message") or "Upload model",
+                revision=kwargs.get("revision"), create_pr=kwargs.get("create_pr", False),
+            )
+        return str(info)
 
 
 class _TransformersForward:

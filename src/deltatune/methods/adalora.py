@@ -29,6 +29,7 @@ output's ``loss`` field is replaced by a new tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -240,7 +241,7 @@ class SVDDelta(Delta):
         self.lora_B = nn.Parameter(torch.randn(spec.out_features, r))  # (out, r)
         torch.randn(1)  # (PEFT's ranknum placeholder)
         # init_r for life (PEFT keeps it after pruning and after resizing at load); not in checkpoints
-        self.register_buffer("ranknum", torch.full((1,), float(r)), persistent=False)
+        self.register_derived("ranknum", lambda: torch.full((1,), float(r)))
         self.r = r
         self.scaling = float(lora_alpha) if lora_alpha > 0 else float(r)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
@@ -316,6 +317,10 @@ class AdaLoraModel(AdapterModel):
     _train_forwards: int = 0
     _enabled: bool = True
     _optimizer_handle: Any = None
+    # DeepSpeed ZeRO: (adapter, {path: whole fp32 copies of (A, E, B)}) the allocator works on, and
+    # the gradients read before engine.step() freed them ({id(copy): gradient})
+    _zero_copies: Optional[tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = None
+    _zero_grads: Optional[dict[int, torch.Tensor]] = None
 
     # ------------------------------------------------------------------ method hooks
     def make_delta(self, config: AdaLoraConfig, adapter_name: str, base_layer: nn.Module, spec: LayerSpec, key: str) -> Delta:
@@ -453,7 +458,8 @@ class AdaLoraModel(AdapterModel):
         """The trainable adapter's allocator (built on first use, rebuilt if its tensors were replaced)."""
         name = self._require_trainable()
         config = self.peft_config[name]
-        triplets = self.triplets(name)
+        live = self.triplets(name)
+        triplets = self._zero_triplets(name, live) if _zero_managed(live) else live
         current = self._allocator
         if current is None or self._allocator_for != name or not _same_tensors(current.triplets, triplets):
             if current is not None and current.exp_avg_ipt:
@@ -461,6 +467,7 @@ class AdaLoraModel(AdapterModel):
             self._allocator = RankAllocator(
                 triplets, init_r=config.init_r, target_r=config.target_r, tinit=config.tinit, tfinal=config.tfinal,
                 deltaT=config.deltaT, beta1=config.beta1, beta2=config.beta2, total_step=config.total_step,
+                grad_getter=self._zero_grad if triplets is not live else None,
             )
             self._allocator_for = name
         return self._allocator
@@ -478,7 +485,13 @@ class AdaLoraModel(AdapterModel):
 
         Under DDP, gradients are all-reduced before the optimizer step, so every rank sees the same
         gradients and computes the same masks (the threshold is selected deterministically on the
-        CPU). Sharded gradients (FSDP, ZeRO-3) are not gathered.
+        CPU). Under DeepSpeed ZeRO (1, 2 or 3) DeepSpeed holds the gradients and the fp32 master
+        weights in its own partitions: the allocator works on whole fp32 copies read through
+        ``deepspeed.utils`` (``safe_get_full_grad``, ``safe_get_full_fp32_param``; identical on every
+        rank) and writes the masked E back to DeepSpeed's master copy and to the model's weights.
+        ``engine.step()`` frees the gradients, so :meth:`capture_gradients` must run before it;
+        ``deltatune.integrations.deepspeed.attach_adalora(engine)`` does both at every step.
+        Every rank must call it (it gathers).
         """
         name = self._require_trainable()
         config = self.peft_config[name]
@@ -492,21 +505,132 @@ class AdaLoraModel(AdapterModel):
                 )
             self._mask_with(name, self._pattern(name))
             return None
-        pattern = self.rank_allocator.step(global_step)
+        allocator = self.rank_allocator
+        zero = _zero_managed(self.triplets(name))
+        if zero:
+            self._zero_pull(name)
+        try:
+            pattern = allocator.step(global_step)
+        finally:
+            self._zero_grads = None  # one step's gradients are used once
+        if zero and (pattern is not None or global_step >= config.total_step - config.tfinal):
+            self._zero_push(name)  # E was masked
         if pattern is None:
             return None
         config.rank_pattern = {f"{key}.{name}": flags for key, flags in pattern.items()}
         return pattern
 
+    def allocator_state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to allocate as the uninterrupted one would: the trainable
+        adapter's importance EMAs and its rank pattern (see :meth:`RankAllocator.state_dict`)."""
+        self._require_trainable()
+        return self.rank_allocator.state_dict()
+
+    def load_allocator_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`allocator_state_dict`'s output into the allocator and the config's
+        ``rank_pattern`` (the pattern the final phase re-applies and ``save_pretrained`` prunes to)."""
+        name = self._require_trainable()
+        allocator = self.rank_allocator
+        allocator.load_state_dict(state)
+        pattern = allocator.rank_pattern
+        self.peft_config[name].rank_pattern = (
+            None if pattern is None else {f"{key}.{name}": list(flags) for key, flags in pattern.items()}
+        )
+
     @torch.no_grad()
     def _mask_with(self, adapter_name: str, pattern: dict[str, list[bool]]) -> None:
         deltas = self._svd_deltas(adapter_name)
+        zero = _zero_managed(self.triplets(adapter_name))
+        if zero:
+            self._zero_pull(adapter_name, grads=False)
+            copies = self._zero_copies[1]
         for path, flags in pattern.items():
             delta = deltas[path]
             if delta.r != len(flags):
                 continue  # resized at load to exactly the kept ranks: nothing is masked
-            keep = torch.tensor(flags, dtype=torch.bool, device=delta.lora_E.device)
-            delta.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+            lora_e = copies[path][1] if zero else delta.lora_E
+            keep = torch.tensor(flags, dtype=torch.bool, device=lora_e.device)
+            lora_e.masked_fill_(~keep.view(-1, 1), 0.0)
+        if zero:
+            self._zero_push(adapter_name)
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO
+    def _zero_triplets(self, name: str, live: Mapping[str, tuple]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Whole fp32 copies of the triplets for the allocator (kept across steps: its EMAs are
+        keyed to them); ZeRO-3 tensors are empty outside a forward, their shape is ``ds_shape``."""
+        held = self._zero_copies
+        shapes = {path: tuple(_full_shape(t) for t in trip) for path, trip in live.items()}
+        if held is None or held[0] != name or {p: tuple(t.shape for t in c) for p, c in held[1].items()} != shapes:
+            copies = {
+                path: tuple(torch.zeros(shape, dtype=torch.float32, device=t.device) for shape, t in zip(shapes[path], trip))
+                for path, trip in live.items()
+            }
+            self._zero_copies = held = (name, copies)
+        return held[1]
+
+    def _zero_grad(self, copy: torch.Tensor) -> Optional[torch.Tensor]:
+        return (self._zero_grads or {}).get(id(copy))
+
+    def capture_gradients(self) -> None:
+        """Under DeepSpeed ZeRO: read the trainable adapter's whole gradients now (after
+        ``engine.backward``, before ``engine.step()`` frees them) for the next
+        :meth:`update_and_allocate`. Every rank must call it (it gathers). Without DeepSpeed,
+        gradients stay in ``.grad`` and this does nothing."""
+        name = self._require_trainable()
+        live = self.triplets(name)
+        if not _zero_managed(live):
+            return
+        from deepspeed.utils import safe_get_full_grad
+
+        self.rank_allocator  # builds the copies if needed
+        copies = self._zero_copies[1]
+        grads: dict[int, torch.Tensor] = {}
+        for path, trip in live.items():
+            for part, param, copy in zip(("lora_A", "lora_E", "lora_B"), trip, copies[path]):
+                grad = safe_get_full_grad(param)  # the all-reduced gradient, gathered whole
+                if grad is None:
+                    raise ValueError(
+                        f"AdaLoRA needs the gradient of `{path}.{part}` but DeepSpeed holds none: call "
+                        "capture_gradients() after engine.backward(loss) and before engine.step(), or use "
+                        "deltatune.integrations.deepspeed.attach_adalora(engine)"
+                    )
+                grads[id(copy)] = grad.detach().reshape(copy.shape).float().clone()
+        self._zero_grads = grads
+
+    @torch.no_grad()
+    def _zero_pull(self, name: str, grads: bool = True) -> None:
+        """The copies take DeepSpeed's fp32 master values; gradients are read now unless captured."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if grads and self._zero_grads is None:
+            self.capture_gradients()  # called between engine.backward and engine.step
+        live = self.triplets(name)
+        copies = self._zero_triplets(name, live)
+        for path, trip in live.items():
+            for part, param, copy in zip(("lora_A", "lora_E", "lora_B"), trip, copies[path]):
+                value = safe_get_full_fp32_param(param)
+                if value is None:
+                    raise ValueError(
+                        f"`{path}.{part}` is a DeepSpeed ZeRO parameter without an fp32 master copy: run the "
+                        "allocator after deepspeed.initialize(...) with an optimizer over the adapter's parameters"
+                    )
+                copy.copy_(value.reshape(copy.shape))
+
+    @torch.no_grad()
+    def _zero_push(self, name: str) -> None:
+        """Write the copies' E (masked) to DeepSpeed's fp32 master and to the model's own weights."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        live = self.triplets(name)
+        copies = self._zero_copies[1]
+        for path, (_, lora_e, _) in live.items():
+            safe_set_full_fp32_param(lora_e, copies[path][1])
+        partitioned = [trip[1] for trip in live.values() if hasattr(trip[1], "ds_id")]
+        # ZeRO-3: gather E whole, write it (the same values on every rank), repartition from rank 0
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0) if partitioned else contextlib.nullcontext():
+            for path, (_, lora_e, _) in live.items():
+                lora_e.data.copy_(copies[path][1].reshape(lora_e.shape).to(lora_e.dtype))
 
     def set_total_step(self, total_step: int) -> None:
         """Change the schedule length of the trainable adapter (e.g. to the trainer's step count)."""
@@ -576,6 +700,16 @@ class AdaLoraModel(AdapterModel):
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(f"{type(self).__name__} does not support add_weighted_adapter method.")
+
+
+def _zero_managed(triplets: Mapping[str, tuple]) -> bool:
+    """Whether DeepSpeed ZeRO manages these parameters: ZeRO-3 partitions them (``ds_id``), ZeRO-1/2
+    keep their fp32 master copy and gradient in its own flat buffers (``_hp_mapping``)."""
+    return any(hasattr(t, "ds_id") or hasattr(t, "_hp_mapping") for trip in triplets.values() for t in trip)
+
+
+def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(t, "ds_shape", t.shape))  # ZeRO-3 keeps the whole shape in ds_shape
 
 
 def _same_tensors(a: Mapping[str, tuple], b: Mapping[str, tuple]) -> bool:
