@@ -173,7 +173,9 @@ class AdapterLayer(Switchable, nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             # PEFT code reads per-adapter state as ``layer.<attr>[adapter]``; offer the same view.
-            adapters = self._modules.get("adapters")
+            # read through __dict__: DeepSpeed's zero.Init probes attributes before nn.Module.__init__
+            # has created _modules, and self._modules would recurse into this method
+            adapters = self.__dict__.get("_modules", {}).get("adapters")
             if adapters is not None and any(name in d._parameters or name in d._buffers for d in adapters.values()):
                 return {k: getattr(d, name) for k, d in adapters.items() if hasattr(d, name)}
             raise

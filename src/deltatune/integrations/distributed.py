@@ -83,8 +83,8 @@ def barrier() -> None:
 
 # ---------------------------------------------------------------------------------------- unwrapping
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The deltatune model inside DDP (``.module``), ``torch.compile`` (``._orig_mod``) or accelerate
-    wrappers: the first ``PeftModel`` or :class:`AdapterModel` found, else the innermost module."""
+    """The deltatune model inside DDP or a DeepSpeed engine (``.module``), ``torch.compile``
+    (``._orig_mod``) or accelerate wrappers: the first ``PeftModel`` or :class:`AdapterModel` found, else the innermost module."""
     from ..peft_model import PeftModel
 
     seen = model
@@ -201,13 +201,26 @@ def _adapter_parameters(tuner: AdapterModel) -> list[tuple[nn.Module, str, nn.Pa
 
 @contextlib.contextmanager
 def gathered_adapters(model: nn.Module) -> Iterator[None]:
-    """Inside the block every adapter tensor sharded by FSDP is a whole plain tensor (gathered from
-    all ranks); the sharded parameters come back afterwards. Only adapter tensors are gathered, not
-    the base weights. Collective: every rank must enter it. Read-only: changes inside are dropped."""
-    tuner = _tuner(model)
+    """Inside the block every adapter tensor sharded by FSDP or partitioned by DeepSpeed ZeRO-3 is a
+    whole tensor (gathered from all ranks); the sharded parameters come back afterwards. Only adapter
+    tensors are gathered, not the base weights. Collective: every rank must enter it. Read-only:
+    changes inside are dropped."""
+    slots = _adapter_parameters(_tuner(model))
+    zero3 = [param for _, _, param in slots if hasattr(param, "ds_id")]  # DeepSpeed ZeRO-3 partitions
+    with contextlib.ExitStack() as stack:
+        if zero3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        with _gathered_fsdp(slots):
+            yield
+
+
+@contextlib.contextmanager
+def _gathered_fsdp(slots: list[tuple[nn.Module, str, nn.Parameter]]) -> Iterator[None]:
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        for owner, attr, param in _adapter_parameters(tuner):
+        for owner, attr, param in slots:
             if is_sharded(param):
                 full = param.detach().full_tensor()  # all-gather, in the same order on every rank
                 owner._parameters[attr] = nn.Parameter(full, requires_grad=param.requires_grad)
@@ -220,7 +233,7 @@ def gathered_adapters(model: nn.Module) -> Iterator[None]:
 
 def save_on_main(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> bool:
     """``save_pretrained`` on rank 0 only, for a model wrapped in DDP, FSDP2, ``torch.compile`` or
-    accelerate; FSDP-sharded adapter tensors are gathered first. Every rank must call it; all of
+    accelerate, or a DeepSpeed engine; adapter tensors sharded by FSDP or ZeRO-3 are gathered first. Every rank must call it; all of
     them return after the files exist. Returns whether this rank wrote."""
     inner = unwrap_model(model)
     if not hasattr(inner, "save_pretrained"):

@@ -1,0 +1,276 @@
+"""One DeepSpeed worker (CPU accelerator, gloo) that trains every method under ZeRO-2 and ZeRO-3.
+
+    DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 --master_port P \
+        tests/ds_worker.py --out DIR [--modes zero2,zero3_init,zero3_after] [--cases bone-llama-all-linear,...]
+
+Modes:
+
+* ``zero2``: the model and its adapter built as usual, then ``deepspeed.initialize`` with ZeRO stage 2;
+* ``zero3_init``: base model *and* adapter built inside ``deepspeed.zero.Init`` (every parameter is
+  partitioned from birth), then ZeRO stage 3;
+* ``zero3_after``: the base built inside ``zero.Init``, the adapter added afterwards, then ZeRO stage 3.
+
+ZeRO-3 runs with ``stage3_param_persistence_threshold: 0`` so that the tiny test tensors are
+partitioned too (by default DeepSpeed keeps tensors under 100k elements whole, which would hide
+every partitioning bug). A plain ``torch.optim.AdamW`` is passed to ``deepspeed.initialize``
+(``zero_allow_untested_optimizer``), so no DeepSpeed C++ op is compiled.
+
+A single launch loops over modes and cases (a launch costs seconds of imports, an engine well under
+one). Rank 0 writes ``DIR/results.json`` after every case: ``{mode: {case id: [rank 0, rank 1]}}``;
+tests/test_deepspeed.py asserts on it. Errors are recorded per case, not raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+STEPS = 3
+MODES = ("zero2", "zero3_init", "zero3_after")
+# one case per method on a transformers model (labels give a loss, so AdaLoRA's orthogonal
+# regulariser runs too); all-linear targets where the case table has them
+CASE_IDS = ("fourierft-llama", "randlora-llama", "adalora-llama", "bone-llama-all-linear", "bat-llama")
+
+
+def ds_config(stage: int) -> dict:
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def make_batch(rank: int, step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, 64, (2, 8), generator=g)  # different data on every rank and step
+    return {"input_ids": ids, "labels": ids}
+
+
+def full_values(model, names) -> dict:
+    """Whole copies of the named parameters (gathered where ZeRO-3 partitioned them)."""
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in names]
+    ctx = deepspeed.zero.GatheredParameters(chosen, modifier_rank=None) if any(hasattr(p, "ds_id") for p in chosen) \
+        else contextlib.nullcontext()
+    with ctx:
+        return {n: params[n].detach().float().clone() for n in names}
+
+
+def base_weights(model) -> dict:
+    """The frozen base model's state dict under its own names (gathered where ZeRO-3 partitioned it)."""
+    import deepspeed
+
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    partitioned = [p for p in frozen.values() if hasattr(p, "ds_id")]
+    ctx = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else contextlib.nullcontext()
+    with ctx:
+        values = {n: p.detach().clone() for n, p in frozen.items()}
+    return {n.removeprefix("base_model.model.").replace(".base_layer.", "."): v for n, v in values.items()}
+
+
+def reference(case, base_sd: dict, init: dict, buffers: dict, world: int) -> dict:
+    """The same training without DeepSpeed, in this process, from the same weights and buffers: both
+    ranks' batches per step, gradients averaged (what data parallelism computes), torch's AdamW,
+    AdaLoRA allocating after the step."""
+    import torch
+
+    import deltatune as dt
+    from conftest import build
+
+    fresh, _ = build(case.model)
+    fresh.load_state_dict(base_sd)
+    model = dt.get_peft_model(fresh, case.config())
+    model.train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init:
+                p.copy_(init[n])
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner = model.base_model
+    for step in range(STEPS):
+        opt.zero_grad()
+        for r in range(world):
+            (model(**make_batch(r, step)).loss / world).backward()
+        opt.step()
+        if callable(getattr(tuner, "update_and_allocate", None)):
+            tuner.update_and_allocate(step)
+    return {n: p.detach().float() for n, p in model.named_parameters() if n in init}
+
+
+def run_case(case, mode: str, out_dir: str) -> dict:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    import deltatune as dt
+    from conftest import build
+    from deltatune.integrations import deepspeed as dsi
+    from deltatune.integrations import distributed as dd
+
+    rank = dist.get_rank()
+    info: dict = {"rank": rank}
+    config = ds_config(2 if mode == "zero2" else 3)
+    if mode == "zero3_init":
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            base, inputs = build(case.model)
+            model = dt.get_peft_model(base, case.config())
+    elif mode == "zero3_after":
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            base, inputs = build(case.model)
+        model = dt.get_peft_model(base, case.config())
+    else:
+        base, inputs = build(case.model)
+        model = dt.get_peft_model(base, case.config())
+    tuner = model.base_model
+    ada = callable(getattr(tuner, "update_and_allocate", None))
+    model.train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    init = full_values(model, names)
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    if ada:
+        dsi.attach_adalora(engine)  # allocation after every engine.step(), with the gradients read before it
+    info["partitioned"] = sum(hasattr(p, "ds_id") for p in model.parameters())
+    torch.manual_seed(100 + rank)
+    losses = []
+    for step in range(STEPS):
+        out = engine(**make_batch(rank, step))
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(float(out.loss))
+    info["losses"] = losses
+    final = full_values(model, names)
+    flat = torch.cat([final[n].flatten() for n in names])
+    info["digest"] = dd._digest(flat)
+    info["changed"] = max(float((final[n] - init[n]).abs().max()) for n in names)
+    base_sd = base_weights(model)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    ref = reference(case, base_sd, init, buffers, dist.get_world_size())
+    # frozen buffers (FourierFT positions, RandLoRA bases) as a model built without DeepSpeed has them
+    plain = dt.get_peft_model(build(case.model)[0], case.config())
+    info["buffers_vs_plain"] = {
+        n: float((b.float() - buffers[n].float()).abs().max()) for n, b in plain.named_buffers()
+        if n in buffers and (b.shape != buffers[n].shape or not torch.equal(b, buffers[n]))
+    }
+    info["vs_reference"] = max(float((final[n] - ref[n]).abs().max()) for n in names)
+    if os.environ.get("DS_WORKER_DEBUG"):
+        info["worst"] = sorted(((float((final[n] - ref[n]).abs().max()), n) for n in names), reverse=True)[:4]
+        info["init_norm"] = {n: float(init[n].norm()) for n in names[:6]}
+    if ada:
+        info["rank_pattern"] = tuner.peft_config["default"].rank_pattern
+        info["allocation_calls"] = tuner.allocation_calls
+        # the mask reached the weights the model computes with (not only DeepSpeed's fp32 copy)
+        pattern = info["rank_pattern"] or {}
+        pruned = 0.0
+        for key, flags in pattern.items():
+            e = final[f"base_model.model.{key[: -len('.lora_E.default')]}.adapters.default.lora_E"]
+            pruned = max([pruned] + [abs(float(e[i])) for i, keep in enumerate(flags) if not keep])
+        info["pruned_max_abs"] = pruned
+
+    # save once (rank 0), load everywhere into a plain model, compare outputs in eval mode
+    writes = []
+    original = dt.PeftModel.save_pretrained
+
+    def counting(self, save_directory, *a, is_main_process=True, **kw):
+        if is_main_process:
+            writes.append(os.path.basename(str(save_directory)))
+        return original(self, save_directory, *a, is_main_process=is_main_process, **kw)
+
+    dt.PeftModel.save_pretrained = counting
+    try:
+        folder = os.path.join(out_dir, mode, case.id)
+        info["wrote"] = dd.save_on_main(engine, folder)
+    finally:
+        dt.PeftModel.save_pretrained = original
+    info["files"] = sorted(os.listdir(folder))
+    info["writes"] = writes
+    engine.eval()
+    with torch.no_grad():
+        trained = engine(**inputs).logits.float()
+    fresh, _ = build(case.model)
+    fresh.load_state_dict(base_sd)  # zero.Init skips transformers' weight init: copy the trained base
+    loaded = dt.PeftModel.from_pretrained(fresh, folder)
+    with torch.no_grad():
+        info["load_diff"] = float((loaded(**inputs).logits.float() - trained).abs().max())
+    engine.destroy()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", default=",".join(CASE_IDS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed's CPU accelerator JIT-compiles a C++ shared-memory all-reduce when its process group
+    # starts (seconds to minutes on a fresh machine, and a compiler); gloo does the same work here
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+    # import the model classes (and torch._dynamo, which transformers pulls in) before zero.Init:
+    # it patches tensor creation, and importing torch._dynamo inside it fails
+    import torch._dynamo  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+    from cases import CASES
+
+    wanted = [c for c in args.cases.split(",") if c]
+    by_id = {c.id: c for c in CASES}
+    cases = [by_id[c] for c in wanted]
+    results: dict = {"timing": {}}
+    for mode in args.modes.split(","):
+        start = time.perf_counter()
+        results[mode] = {}
+        for case in cases:
+            t0 = time.perf_counter()
+            try:
+                info = run_case(case, mode, args.out)
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to report
+                info = {"rank": dist.get_rank(), "error": f"{type(exc).__name__}: {exc}"[:2000],
+                        "trace": traceback.format_exc()[-4000:]}
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, info)
+            results[mode][case.id] = every
+            if dist.get_rank() == 0:
+                with open(os.path.join(args.out, "results.json"), "w") as f:
+                    json.dump(results, f, default=str)
+        results["timing"][mode] = round(time.perf_counter() - start, 2)
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, default=str)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
