@@ -6,6 +6,8 @@
 Modes:
 
 * ``zero2``: the model and its adapter built as usual, then ``deepspeed.initialize`` with ZeRO stage 2;
+* ``zero2_accum``: the same with 2 micro-batches per optimizer step (gradient accumulation: AdaLoRA
+  must allocate once per optimizer step, from the accumulated gradients);
 * ``zero3_init``: base model *and* adapter built inside ``deepspeed.zero.Init`` (every parameter is
   partitioned from birth), then ZeRO stage 3;
 * ``zero3_after``: the base built inside ``zero.Init``, the adapter added afterwards, then ZeRO stage 3.
@@ -33,19 +35,20 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 3
-MODES = ("zero2", "zero3_init", "zero3_after")
+MODES = ("zero2", "zero2_accum", "zero3_init", "zero3_after")
+ACCUM = 2  # micro-batches per optimizer step in zero2_accum
 # one case per method on a transformers model (labels give a loss, so AdaLoRA's orthogonal
 # regulariser runs too); all-linear targets where the case table has them
 CASE_IDS = ("fourierft-llama", "randlora-llama", "adalora-llama", "bone-llama-all-linear", "bat-llama")
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, accum: int = 1) -> dict:
     zero: dict = {"stage": stage}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     return {
         "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accum,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -84,7 +87,7 @@ def base_weights(model) -> dict:
     return {n.removeprefix("base_model.model.").replace(".base_layer.", "."): v for n, v in values.items()}
 
 
-def reference(case, base_sd: dict, init: dict, buffers: dict, world: int) -> dict:
+def reference(case, base_sd: dict, init: dict, buffers: dict, world: int, accum: int) -> dict:
     """The same training without DeepSpeed, in this process, from the same weights and buffers: both
     ranks' batches per step, gradients averaged (what data parallelism computes), torch's AdamW,
     AdaLoRA allocating after the step."""
@@ -109,7 +112,8 @@ def reference(case, base_sd: dict, init: dict, buffers: dict, world: int) -> dic
     for step in range(STEPS):
         opt.zero_grad()
         for r in range(world):
-            (model(**make_batch(r, step)).loss / world).backward()
+            for micro in range(accum):
+                (model(**make_batch(r, step * accum + micro)).loss / (world * accum)).backward()
         opt.step()
         if callable(getattr(tuner, "update_and_allocate", None)):
             tuner.update_and_allocate(step)
@@ -128,7 +132,8 @@ def run_case(case, mode: str, out_dir: str) -> dict:
 
     rank = dist.get_rank()
     info: dict = {"rank": rank}
-    config = ds_config(2 if mode == "zero2" else 3)
+    accum = ACCUM if mode.endswith("_accum") else 1
+    config = ds_config(3 if mode.startswith("zero3") else 2, accum)
     if mode == "zero3_init":
         with deepspeed.zero.Init(config_dict_or_path=config):
             base, inputs = build(case.model)
@@ -148,15 +153,21 @@ def run_case(case, mode: str, out_dir: str) -> dict:
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    if ada:
+    manual = ada and mode == "zero3_after"  # the two calls attach_adalora makes, written out
+    if ada and not manual:
         dsi.attach_adalora(engine)  # allocation after every engine.step(), with the gradients read before it
     info["partitioned"] = sum(hasattr(p, "ds_id") for p in model.parameters())
     torch.manual_seed(100 + rank)
     losses = []
     for step in range(STEPS):
-        out = engine(**make_batch(rank, step))
-        engine.backward(out.loss)
-        engine.step()
+        for micro in range(accum):
+            out = engine(**make_batch(rank, step * accum + micro))
+            engine.backward(out.loss)
+            if manual:
+                tuner.capture_gradients()  # engine.step() frees them
+            engine.step()  # updates at the accumulation boundary only
+            if manual:
+                tuner.update_and_allocate(step)
         losses.append(float(out.loss))
     info["losses"] = losses
     final = full_values(model, names)
@@ -165,7 +176,7 @@ def run_case(case, mode: str, out_dir: str) -> dict:
     info["changed"] = max(float((final[n] - init[n]).abs().max()) for n in names)
     base_sd = base_weights(model)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    ref = reference(case, base_sd, init, buffers, dist.get_world_size())
+    ref = reference(case, base_sd, init, buffers, dist.get_world_size(), accum)
     # frozen buffers (FourierFT positions, RandLoRA bases) as a model built without DeepSpeed has them
     plain = dt.get_peft_model(build(case.model)[0], case.config())
     info["buffers_vs_plain"] = {
@@ -179,6 +190,12 @@ def run_case(case, mode: str, out_dir: str) -> dict:
     if ada:
         info["rank_pattern"] = tuner.peft_config["default"].rank_pattern
         info["allocation_calls"] = tuner.allocation_calls
+        if mode == "zero2":  # no gradients captured before the step: a clear error, on every rank alike
+            try:
+                tuner.update_and_allocate(STEPS)
+                info["uncaptured_error"] = None
+            except RuntimeError as exc:
+                info["uncaptured_error"] = str(exc)
         # the mask reached the weights the model computes with (not only DeepSpeed's fp32 copy)
         pattern = info["rank_pattern"] or {}
         pruned = 0.0
