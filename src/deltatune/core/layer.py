@@ -17,12 +17,13 @@ import contextlib
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import autocast_dtype, no_autocast, check_base_layer, quant_scheme
 from .targeting import is_conv1d
 
 BASE_NAME = "__base__"  # per-sample adapter name meaning "no adapter" in mixed batches
@@ -35,7 +36,8 @@ class LayerSpec:
     kind: str  # "linear" | "conv1d" (transformers Conv1D, weight stored (in, out)) | "conv2d"
     in_features: int
     out_features: int
-    weight_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]  # of the float weight (a quantized weight may be stored packed)
+    quantized: Optional[str] = None  # the quantization scheme's name (core.precision.SCHEMES)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -43,17 +45,45 @@ class LayerSpec:
 
     @staticmethod
     def of(module: nn.Module) -> "LayerSpec":
+        """The geometry of ``module``; TypeError for a type (or weight) this library cannot adapt."""
+        scheme = check_base_layer(module)
         if isinstance(module, nn.Linear):
-            return LayerSpec("linear", module.in_features, module.out_features, tuple(module.weight.shape))
+            out_in = (module.out_features, module.in_features)
+            return LayerSpec("linear", out_in[1], out_in[0], out_in, None if scheme is None else scheme.name)
         if is_conv1d(module):
             rows, cols = module.weight.shape  # Conv1D stores (in, out)
             return LayerSpec("conv1d", rows, cols, tuple(module.weight.shape))
         if isinstance(module, nn.Conv2d):
             return LayerSpec("conv2d", module.in_channels, module.out_channels, tuple(module.weight.shape))
-        raise TypeError(f"unsupported layer type {type(module).__name__}")
+        raise TypeError(f"{type(module).__name__} is not a layer type deltatune adapts")
 
 
-class Delta(nn.Module):
+class DerivedBuffers(nn.Module):
+    """A module whose non-persistent buffers are computed from constructor arguments (FourierFT
+    positions from a seed, RandLoRA bases from a PRNG key, AdaLoRA's ranknum). They are not in
+    checkpoints, so a model created on ``meta`` and materialised with ``to_empty`` would hold
+    uninitialised memory there: such buffers are derived again, identical to a normal creation,
+    when they leave the meta device."""
+
+    def register_derived(
+        self, name: str, derive: Callable[[], torch.Tensor], persistent: bool = False, value: Optional[torch.Tensor] = None
+    ) -> None:
+        """Register buffer ``name`` = ``derive()`` (or ``value``, already derived)."""
+        self.__dict__.setdefault("_derivers", {})[name] = derive
+        self.register_buffer(name, derive() if value is None else value, persistent=persistent)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "DerivedBuffers":
+        derivers = self.__dict__.get("_derivers", {})
+        on_meta = [n for n in derivers if self._buffers[n] is not None and self._buffers[n].device.type == "meta"]
+        super()._apply(fn, recurse)
+        for name in on_meta:
+            buf = self._buffers[name]
+            if buf.device.type != "meta":
+                self._buffers[name] = derivers[name]().to(device=buf.device, dtype=buf.dtype)
+        return self
+
+
+class Delta(DerivedBuffers):
     """One adapter on one layer. Subclasses hold parameters named as PEFT names them, so
     ``delta.state_dict()`` is already the checkpoint fragment of this layer."""
 
@@ -226,8 +256,8 @@ class AdapterLayer(Switchable, nn.Module):
         return [self.adapters[n] for n in self.active_adapters if n in self.adapters]
 
     def _cache_applies(self) -> bool:
-        if not self.inference_cache or self.spec.kind == "conv2d":
-            return False
+        if not self.inference_cache or self.spec.kind == "conv2d" or self.spec.quantized:
+            return False  # a quantized base keeps its own kernels: W_eff would be a float copy
         deltas = self._active_deltas()
         if not deltas or not any(d.cache_in_inference for d in deltas):
             return False
@@ -244,7 +274,7 @@ class AdapterLayer(Switchable, nn.Module):
             (id(p), p._version) for d in deltas for p in d.parameters()
         )
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), no_autocast(x):
                 eff = self._weight_oi().float()
                 for d in deltas:
                     if d.is_transform:
@@ -253,29 +283,44 @@ class AdapterLayer(Switchable, nn.Module):
                     if not d.is_transform:
                         eff = eff + d.delta_weight().float()
             self._cache = (key, eff.to(w.dtype).contiguous())
-        return F.linear(x.to(w.dtype), self._cache[1], self.base_layer.bias).to(x.dtype)
+        out = F.linear(x.to(w.dtype), self._cache[1], self.base_layer.bias)  # autocast casts it as for any layer
+        return out if autocast_dtype(x) else out.to(x.dtype)
 
     def _forward_with(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The unmerged forward with the adapters ``names`` active."""
+        """The unmerged forward with the adapters ``names`` active.
+
+        Under autocast the result has the autocast dtype, as a plain layer's would: the frozen GEMM
+        runs in that dtype (cast once, explicitly), the adapter maths with autocast off in the
+        adapter's own dtype (fp32 master parameters get fp32 gradients). A quantized base runs its
+        own forward; only a weight transform (BAT) reads its dequantized W.
+        """
         deltas = [self.adapters[n] for n in names if n in self.adapters]
+        additive = [d for d in deltas if not d.is_transform]
         transforms = [d for d in deltas if d.is_transform]
+        ac = autocast_dtype(x)
         if transforms:
-            weight = self._weight_oi().detach()
-            for d in transforms[:-1]:
-                weight = d.transform(weight)
-            if self.spec.kind == "conv2d":
-                out = self._apply_weight(x, transforms[-1].transform(weight))
-            else:
-                out = transforms[-1].transformed_linear(x, weight, self.base_layer.bias)
-            out = out.to(x.dtype)  # transforms compute in the adapter dtype; callers get the input's
+            with no_autocast(x):
+                weight = self._weight_oi().detach()
+                for d in transforms[:-1]:
+                    weight = d.transform(weight)
+                if self.spec.kind == "conv2d":
+                    out = self._apply_weight(x, transforms[-1].transform(weight))
+                else:
+                    out = transforms[-1].transformed_linear(x, weight, self.base_layer.bias)
+            out = out.to(ac or x.dtype)  # transforms compute in the adapter dtype; callers get a layer's dtype
+        elif args or kwargs or self.spec.kind == "conv2d" or self.spec.quantized:
+            out = self.base_layer(x, *args, **kwargs)  # its own forward; autocast applies as usual
         else:
-            if len(deltas) == 1 and not args and not kwargs and self.spec.kind != "conv2d":
-                fused = deltas[0].fused_linear(x, self._weight_oi(), self.base_layer.bias)
+            xc, w, b = x, self._weight_oi(), self.base_layer.bias
+            if ac is not None:  # the casts autocast would make for the frozen GEMM, made once here
+                xc, w, b = x.to(ac), w.to(ac), None if b is None else b.to(ac)
+            with no_autocast(x):
+                fused = additive[0].fused_linear(xc, w, b) if len(additive) == 1 else None
                 if fused is not None:
-                    return fused.to(x.dtype)
-            out = self.base_layer(x, *args, **kwargs)
-        for d in deltas:
-            if not d.is_transform:
+                    return fused.to(xc.dtype)
+                out = self.base_layer(x) if ac is None else F.linear(xc, w, b)
+        with no_autocast(x):
+            for d in additive:
                 out = out + d.delta_out(x).to(out.dtype)
         return out
 
@@ -298,7 +343,12 @@ class AdapterLayer(Switchable, nn.Module):
         return out
 
     def _weight_oi(self) -> torch.Tensor:
-        """The base weight as (out, in) (a view; Conv2d flattened to (out, in·kh·kw))."""
+        """The base weight as (out, in) (a view; Conv2d flattened to (out, in·kh·kw); a quantized
+        weight dequantized, a fresh tensor)."""
+        if self.spec.quantized:
+            scheme = quant_scheme(self.base_layer)
+            assert scheme is not None, self.spec.quantized
+            return scheme.dequantize(self.base_layer).reshape(self.spec.weight_shape)
         w = self.base_layer.weight
         if self.spec.kind == "conv1d":
             return w.T
@@ -336,7 +386,16 @@ class AdapterLayer(Switchable, nn.Module):
         core = delta.inverse(core) if invert else delta.transform(core)
         return (core if added is None else core + added).float()
 
-    def _check_unsharded(self, action: str) -> None:
+    def check_mergeable(self, action: str) -> None:
+        """ValueError where writing into the base weight cannot be done exactly."""
+        if self.spec.quantized:
+            # re-quantizing W + ΔW moves every weight by up to a quantization step, more than most
+            # adapters change it: refuse rather than write a silently different model
+            raise ValueError(
+                f"Cannot {action} adapters into this {type(self.base_layer).__name__}: its weight is quantized "
+                f"({self.spec.quantized}). Load the base model unquantized (fp32/bf16), load the adapter there and "
+                "merge, or keep the adapter unmerged."
+            )
         # a sharded weight would need a collective gather and scatter per layer; refuse it clearly
         # instead of failing deep inside DTensor (or silently working for some methods only)
         sharded = [n for n, t in [("base_layer.weight", self.base_layer.weight), *self.adapters.named_parameters()] if _is_sharded(t)]
@@ -364,7 +423,7 @@ class AdapterLayer(Switchable, nn.Module):
             warnings.warn("All adapters are already merged, nothing to do.")
             return
         if todo:
-            self._check_unsharded("merge")
+            self.check_mergeable("merge")
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally merging {','.join(todo)}.")
         for name in todo:
@@ -381,7 +440,7 @@ class AdapterLayer(Switchable, nn.Module):
             if keep == 0:
                 warnings.warn("Already unmerged. Nothing to do.")
             return
-        self._check_unsharded("unmerge")
+        self.check_mergeable("unmerge")
         while len(self.merged_adapters) > keep:
             name = self.merged_adapters.pop()  # LIFO: transforms do not commute
             self._write_weight(self._compose(self._weight_oi(), self.adapters[name], invert=True))

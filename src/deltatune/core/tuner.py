@@ -122,8 +122,9 @@ class AdapterModel(nn.Module):
         dtype = self._adapter_dtype(weight.dtype)
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            # meta tensors (low_cpu_mem_usage) stay meta until the checkpoint is assigned
-            device = t.device if "meta" in (t.device.type, weight.device.type) else weight.device
+            # meta tensors (low_cpu_mem_usage) stay meta until the checkpoint is assigned; on a base
+            # created on meta the adapter is meta too (materialised with the model by to_empty)
+            device = t.device if t.device.type == "meta" else weight.device
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
         delta._apply(move)
@@ -175,13 +176,13 @@ class AdapterModel(nn.Module):
             module = model.get_submodule(key)
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             try:
-                spec = LayerSpec.of(base)
-            except TypeError:
-                spec = None
+                spec, reason = LayerSpec.of(base), ""
+            except TypeError as e:
+                spec, reason = None, f" ({e})"
             if spec is None or spec.kind not in self.supported_kinds:
                 raise UnsupportedModuleError(
-                    f"Target module '{key}' ({type(base).__name__}) is not supported by {self.config_cls.PEFT_TYPE}. "
-                    f"Supported layer types: {', '.join(_KIND_NAMES[k] for k in self.supported_kinds)}."
+                    f"Target module '{key}' ({type(base).__name__}) is not supported by {self.config_cls.PEFT_TYPE}"
+                    f"{reason}. Supported layer types: {', '.join(_KIND_NAMES[k] for k in self.supported_kinds)}."
                 )
             with parameters_on_meta() if low_cpu_mem_usage else contextlib.nullcontext():
                 delta = self.make_delta(config, adapter_name, base, spec, key)
@@ -267,6 +268,12 @@ class AdapterModel(nn.Module):
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_names(adapter_names)
+        for key, module in self.model.named_modules():  # refuse before any weight is written
+            if isinstance(module, AdapterLayer):
+                try:
+                    module.check_mergeable("merge")
+                except ValueError as e:
+                    raise ValueError(f"Module '{key}': {e}") from None
         if safe_merge:
             self._check_finite(adapter_names)
         done: list[tuple[AdapterLayer, int]] = []

@@ -51,6 +51,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..core.precision import autocast_exempt
+
 __all__ = [
     "DensePlan",
     "FourierPlan",
@@ -224,6 +226,9 @@ def _csr_entries(row, col, n_rows: int, n_cols: int, coef: torch.Tensor):
 
 
 def _csr(pattern, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if values.device.type == "meta":
+        # shape-only runs: meta has no sparse GEMM kernels; a dense stand-in keeps one op per product
+        return values.new_empty(size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(pattern[0], pattern[1], values, size, check_invariants=False)
@@ -407,6 +412,14 @@ def _apply(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return torch.addmm(out, csr, dense, beta=0.0, out=out)
 
 
+def _sampled(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The ``nnz`` values of (a @ b) at the entries of the CSR ``mask`` (on meta, where ``mask`` is a
+    dense stand-in (see ``_csr``), one dense product of the same shape)."""
+    if a.device.type == "meta":
+        return (a @ b).reshape(-1)[:nnz]
+    return torch.sparse.sampled_addmm(mask, a, b, beta=0.0).values()
+
+
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -444,6 +457,7 @@ class _FourierLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_exempt
     def forward(ctx, x, spectrum, plan, scaling, base_weight=None, base_bias=None):
         O, I = plan.out_features, plan.in_features
         lead = x.shape[:-1]
@@ -452,9 +466,10 @@ class _FourierLinearFn(torch.autograd.Function):
         cdtype = _compute_dtype(x.dtype, spectrum.dtype)
         ctx.plan, ctx.scaling, ctx.cdtype = plan, scaling, cdtype
         ctx.x_shape, ctx.x_dtype, ctx.c_dtype = x.shape, x.dtype, spectrum.dtype
-        ctx.base_weight = base_weight  # frozen: kept by reference, like F.linear keeps it
+        ctx.has_base = base_weight is not None  # frozen: saved like F.linear saves its weight
+        base = (base_weight,) if ctx.has_base else ()
         if T == 0 or plan.n == 0:
-            ctx.save_for_backward(spectrum)
+            ctx.save_for_backward(spectrum, *base)
             y = F.linear(x2d, base_weight, base_bias) if base_weight is not None else x.new_zeros((T, O))
             return y.reshape(*lead, O)
 
@@ -472,18 +487,21 @@ class _FourierLinearFn(torch.autograd.Function):
             y.addmm_(x2d, base_weight.T)
             if base_bias is not None:
                 y += base_bias
-        ctx.save_for_backward(spectrum, *(() if kept is None else (kept,)))
+        ctx.save_for_backward(spectrum, *base, *(() if kept is None else (kept,)))
         return y.reshape(*lead, O)
 
     @staticmethod
+    @autocast_exempt
     def backward(ctx, grad_out):
         plan, scaling, cdtype = ctx.plan, ctx.scaling, ctx.cdtype
         O, I = plan.out_features, plan.in_features
-        spectrum = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # read once: a checkpoint's saved tensors unpack only once
+        spectrum = saved[0]
+        base = saved[1] if ctx.has_base else None
+        kept = saved[-1] if len(saved) > 1 + ctx.has_base else None
         need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g2d = grad_out.reshape(-1, O)
         T = g2d.shape[0]
-        base = ctx.base_weight
         if T == 0 or plan.n == 0:
             grad_x = None
             if need_x:
@@ -495,14 +513,14 @@ class _FourierLinearFn(torch.autograd.Function):
             bmap = plan.map(spectrum.to(cdtype), scaling, "backward")
             gx = torch.empty((T, I), dtype=ctx.x_dtype, device=g2d.device)
         if need_c:
-            kept, rows = ctx.saved_tensors[1], plan.used2.numel()
+            rows = plan.used2.numel()
             mask = plan.sample_mask(cdtype)
-            acc = torch.zeros_like(mask.values())
+            acc = torch.zeros(plan.g_pat[1].numel(), dtype=cdtype, device=g2d.device)
         for t0, t1 in ctx.chunks:
             spec = _planar(g2d[t0:t1].to(cdtype))  # (2O', Tc)
             if need_c:
                 kept_c = kept[rows * t0 : rows * t1].view(rows, t1 - t0)
-                acc += torch.sparse.sampled_addmm(mask, spec, kept_c.T, beta=0.0).values()
+                acc += _sampled(mask, spec, kept_c.T, acc.numel())
             if need_x:
                 _inverse_planar(_apply(bmap, spec), I, gx[t0:t1])
         if need_x and base is not None:

@@ -65,6 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..core.precision import autocast_exempt
+
 __all__ = [
     "CHUNK_ELEMS",
     "basis_dims",
@@ -425,6 +427,7 @@ def _grads_from_g(
 
 class _RandLoraFactored(torch.autograd.Function):
     @staticmethod
+    @autocast_exempt
     def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget):
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
         sl = (lam * scaling).reshape(-1)
@@ -443,6 +446,7 @@ class _RandLoraFactored(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_exempt
     @once_differentiable
     def backward(ctx, gy):
         x, lam, gamma, a2, v, h0 = ctx.saved_tensors
@@ -480,6 +484,7 @@ class _RandLoraFactored(torch.autograd.Function):
 
 class _RandLoraMaterialized(torch.autograd.Function):
     @staticmethod
+    @autocast_exempt
     def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, weight, bias):
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
         need_w = ctx.needs_input_grad[8]
@@ -492,6 +497,7 @@ class _RandLoraMaterialized(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_exempt
     @once_differentiable
     def backward(ctx, gy):
         x, dw, lam, gamma, a2, v = ctx.saved_tensors

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import CONFIG_REGISTRY, TunerConfig, check_positive_int
 from ..core.layer import Delta, LayerSpec
+from ..core.precision import autocast_exempt
 from ..core.registry import register_method
 from ..core.tuner import AdapterModel
 
@@ -96,10 +97,12 @@ class BoneDelta(Delta):
 
     def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        same_dtype = weight.dtype == x.dtype == self.bone_block.dtype and (bias is None or bias.dtype == x.dtype)
+        same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
         if not (frozen and same_dtype):
             return None
-        return _BoneLinear.apply(x, weight, self.bone_block, bias)
+        # the block joins the frozen GEMM's dtype (bf16 under autocast); its gradient comes back in
+        # the block's own dtype through the cast
+        return _BoneLinear.apply(x, weight, self.bone_block.to(x.dtype), bias)
 
 
 class _BoneLinear(torch.autograd.Function):
@@ -111,6 +114,7 @@ class _BoneLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_exempt
     def forward(ctx, x, weight, block, bias):
         x2 = x.reshape(-1, x.shape[-1])
         folded = _fold(x2, block.shape[0])  # (T, r)
@@ -120,6 +124,7 @@ class _BoneLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
+    @autocast_exempt
     def backward(ctx, gy):
         weight, block, folded = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1])
@@ -173,6 +178,7 @@ class _BatLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_exempt
     def forward(ctx, x, weight, block, bias):
         ni, r, _ = block.shape
         dtype = block.dtype
@@ -196,6 +202,7 @@ class _BatLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
+    @autocast_exempt
     def backward(ctx, gy):
         x, weight, block, folded, *cores = ctx.saved_tensors
         ni, r, _ = block.shape

@@ -80,8 +80,8 @@ class FourierDelta(Delta):
         super().__init__(spec)
         self.scaling = float(scaling)
         # positions are derived from the seed, never saved (PEFT's checkpoints hold only the spectrum)
-        positions = peft_positions(spec.out_features, spec.in_features, n_frequency, seed)
-        self.register_buffer("indices", positions, persistent=False)  # (2, n): rows p_k, cols q_k
+        self._derive = lambda: peft_positions(spec.out_features, spec.in_features, n_frequency, seed)
+        self.register_derived("indices", self._derive)  # (2, n): rows p_k, cols q_k
         spectrum = torch.zeros(n_frequency) if init_weights else torch.randn(n_frequency)
         self.fourierft_spectrum = nn.Parameter(spectrum)
         # index plans derived from the positions, built once per device (sparse map; dense ΔW)
@@ -90,7 +90,8 @@ class FourierDelta(Delta):
     def _plan(self, kind: str, device: torch.device):
         if (kind, device) not in self._plans:
             cls = FourierPlan if kind == "sparse" else DensePlan
-            rows, cols = self.indices.cpu()
+            # on meta (shape-only runs) the plan is derived again: a meta tensor has no values
+            rows, cols = self._derive() if self.indices.device.type == "meta" else self.indices.cpu()
             self._plans[(kind, device)] = cls(rows, cols, self.spec.out_features, self.spec.in_features).to(device)
         return self._plans[(kind, device)]
 

@@ -15,15 +15,16 @@ to checkpoints (model-level keys, which PEFT reads) when ``save_projection`` is 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import TunerConfig, check_positive_int
-from ..core.layer import Delta, LayerSpec
+from ..core.layer import Delta, DerivedBuffers, LayerSpec
 from ..core.registry import register_method
 from ..core.tuner import AdapterModel
 from ._randlora_ops import basis_dims, make_bases, num_bases, randlora_delta_weight, randlora_linear
@@ -48,7 +49,7 @@ class RandLoraConfig(TunerConfig):
     very_sparse: bool = False
     randlora_dropout: float = 0.0
     fan_in_fan_out: bool = False
-    randlora_alpha: int = 640
+    randlora_alpha: float = 640  # a real number in PEFT too (only ever divided by r)
     init_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -64,14 +65,14 @@ class RandLoraConfig(TunerConfig):
             )
 
 
-class _Bases(nn.Module):
-    """The shared bases of one adapter: registered once, at model level."""
+class _Bases(DerivedBuffers):
+    """The shared bases of one adapter: registered once, at model level, drawn from the PRNG key."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, persistent: bool, signature: tuple) -> None:
+    def __init__(self, draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], persistent: bool) -> None:
         super().__init__()
-        self.register_buffer("randlora_A", a, persistent=persistent)  # (r, 1, D_min)
-        self.register_buffer("randlora_B", b, persistent=persistent)  # (D_max, NB, r)
-        self.signature = signature
+        a, b = draw()
+        self.register_derived("randlora_A", lambda: draw()[0], persistent, a)  # (r, 1, D_min)
+        self.register_derived("randlora_B", lambda: draw()[1], persistent, b)  # (D_max, NB, r)
 
 
 class RandLoraDelta(Delta):
@@ -173,10 +174,10 @@ class RandLoraModel(AdapterModel):
                 )
             self._holders[adapter_name] = shared
             return
-        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-        a, b = make_bases(config.r, d_max, d_min, config.projection_prng_key, config.sparse, config.very_sparse)
-        signature = (config.r, config.projection_prng_key, config.sparse, config.very_sparse)
-        self._holders[adapter_name] = _Bases(a.to(device), b.to(device), config.save_projection, signature)
+        devices = [p.device for p in model.parameters()]
+        device = next((d for d in devices if d.type != "meta"), devices[0] if devices else torch.device("cpu"))
+        draw = functools.partial(make_bases, config.r, d_max, d_min, config.projection_prng_key, config.sparse, config.very_sparse)
+        self._holders[adapter_name] = _Bases(draw, config.save_projection).to(device)
 
     def after_delete(self, adapter_name: str) -> None:
         if adapter_name in self._holders:
