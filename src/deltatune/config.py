@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -28,7 +29,34 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 CONFIG_NAME = "adapter_config.json"
 
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+class _StrEnum(str, enum.Enum):
+    """A string enum as PEFT's (``PeftType.BONE == "BONE"``, ``.value``), whose ``str()`` and
+    f-string form are the bare value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# PEFT 0.21.2's PeftType members, plus BONE (PEFT <= 0.18.1). deltatune implements FOURIERFT,
+# RANDLORA, ADALORA, BONE and MISS; the other names exist so that code naming them imports.
+PeftType = _StrEnum("PeftType", {name: name for name in (
+    "PROMPT_TUNING MULTITASK_PROMPT_TUNING P_TUNING PREFIX_TUNING LORA ADALORA ADAMSS BOFT ADAPTION_PROMPT IA3 BEFT "
+    "LILY LOHA LOKR OFT POLY LN_TUNING VERA FROD PVERA FOURIERFT GLORA XLORA HRA VBLORA UNILORA CPT BONE MISS "
+    "RANDLORA ROAD TRAINABLE_TOKENS HIRA SHIRA C3A WAVEFT OSF DELORA GRALORA CARTRIDGE TINYLORA PSOFT PEANUT SHADOW "
+    "SUPERTUNING DEFT"
+).split()}, module=__name__)
+PeftType.__doc__ = "The adapter methods PEFT names (PEFT's ``PeftType``); a config's ``peft_type`` is one of them."
+
+TaskType = _StrEnum("TaskType", {name: name for name in (
+    "SEQ_CLS SEQ_2_SEQ_LM CAUSAL_LM TOKEN_CLS QUESTION_ANS FEATURE_EXTRACTION"
+).split()}, module=__name__)
+TaskType.__doc__ = "The task a model is tuned for (PEFT's ``TaskType``); it picks the PeftModel subclass."
+
+TASK_TYPES = tuple(t.value for t in TaskType)
 
 # peft_type string -> config class; filled by ``register_config``.
 CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
@@ -61,22 +89,29 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.peft_type is None:
-            self.peft_type = self.PEFT_TYPE
-        elif str(self.peft_type) != self.PEFT_TYPE and self.PEFT_TYPE:
-            raise ValueError(
-                f"{type(self).__name__} has peft_type {self.PEFT_TYPE!r}, but the value passed is {self.peft_type!r}"
-            )
-        self.peft_type = str(self.peft_type)
+        # as PEFT: a config's own method wins over a peft_type passed in (files are checked on load)
+        self.peft_type = PeftType(self.PEFT_TYPE) if self.PEFT_TYPE else (
+            None if self.peft_type is None else _enum_or_str(PeftType, self.peft_type)
+        )
         if self.task_type is not None:
-            self.task_type = str(getattr(self.task_type, "value", self.task_type))
-            if self.task_type not in TASK_TYPES:
+            task = str(getattr(self.task_type, "value", self.task_type))
+            if task not in TASK_TYPES:
                 raise ValueError(
-                    f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                    f"Invalid task type: '{task}'. Must be one of the following task types: "
                     f"{', '.join(TASK_TYPES)}."
                 )
+            self.task_type = TaskType(task)
         if self.peft_version is None:
             self.peft_version = _version()
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """False: every method here adapts weights (PEFT's prompt-learning configs say True)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +119,8 @@ class PeftConfig:
         for k, v in out.items():
             if isinstance(v, set):
                 out[k] = sorted(v)
+            elif isinstance(v, enum.Enum):
+                out[k] = v.value
         return out
 
     def to_json_string(self) -> str:
@@ -110,10 +147,12 @@ class PeftConfig:
         from .io.files import resolve_local_dir
 
         path = resolve_local_dir(pretrained_model_name_or_path, subfolder)
-        return cls.from_json_file(os.path.join(path, CONFIG_NAME), **kwargs)
+        return cls.from_config_file(os.path.join(path, CONFIG_NAME), **kwargs)
 
     @classmethod
-    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any):
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of a config file, as a dict (PEFT's behaviour; see :meth:`from_config_file`
+        for the config). A ``runtime_config`` key is dropped with a warning."""
         if not os.path.isfile(path_json_file):
             if os.path.exists(path_json_file):
                 raise ValueError(f"Adapter config {path_json_file} is not a file")
@@ -127,22 +166,24 @@ class PeftConfig:
             raise ValueError(f"Adapter config {path_json_file} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"Adapter config {path_json_file} must hold a JSON object, got {type(data).__name__}")
-        data.update(kwargs)
         if "runtime_config" in data:
             warnings.warn("The configuration file contains a `runtime_config` key. This is ignored.")
             data.pop("runtime_config")
-        if cls.PEFT_TYPE:
-            config_cls = cls
-            if "peft_type" in data and str(data["peft_type"]) != cls.PEFT_TYPE:
-                config_cls = config_class_for(data["peft_type"])
-                if not issubclass(config_cls, cls):
-                    raise ValueError(
-                        f"{path_json_file} holds a {data['peft_type']} adapter, not {cls.PEFT_TYPE} ({cls.__name__})"
-                    )
-        else:
-            if "peft_type" not in data:
-                raise ValueError(f"Adapter config {path_json_file} has no `peft_type` key")
-            config_cls = config_class_for(data["peft_type"])
+        return data
+
+    @classmethod
+    def from_config_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> "PeftConfig":
+        """The config an ``adapter_config.json`` describes; ``kwargs`` override its fields. The file must
+        name its ``peft_type`` (as PEFT requires); a subclass refuses another method's file."""
+        data = cls.from_json_file(path_json_file)
+        data.update(kwargs)
+        if "peft_type" not in data:
+            raise ValueError(f"Adapter config {path_json_file} has no `peft_type` key")
+        config_cls = config_class_for(data["peft_type"])
+        if cls.PEFT_TYPE and not issubclass(config_cls, cls):
+            raise ValueError(
+                f"{path_json_file} holds a {data['peft_type']} adapter, not {cls.PEFT_TYPE} ({cls.__name__})"
+            )
         return config_cls._from_known_keys(data)
 
     @classmethod
@@ -172,6 +213,14 @@ class PeftConfig:
 
     def copy(self) -> "PeftConfig":
         return copy.deepcopy(self)
+
+
+def _enum_or_str(enum_cls: type[enum.Enum], value: Any) -> Any:
+    value = getattr(value, "value", value)
+    try:
+        return enum_cls(value)
+    except ValueError:
+        return value
 
 
 def config_class_for(peft_type: Any) -> type[PeftConfig]:

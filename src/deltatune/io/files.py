@@ -215,6 +215,19 @@ def _recorded_digest(weights: str) -> Optional[str]:
         return ""
 
 
+def weights_metadata(weights: Optional[str]) -> dict[str, str]:
+    """The safetensors metadata of a weights file ({} for ``.bin`` files and unreadable ones)."""
+    if weights is None or not weights.endswith((".safetensors", ".safetensors.prev")):
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # corrupted: the loader reports it
+        return {}
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -286,7 +299,8 @@ def _keep_backup(current: CheckpointFiles) -> None:
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, config_text: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True
+    folder: str | os.PathLike, config_text: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True,
+    metadata: Optional[dict[str, str]] = None,
 ) -> None:
     """Write one adapter's ``adapter_config.json`` and weights so that a process killed at any point
     leaves a folder that loads as the old checkpoint or the new one (protocol in the module docstring)."""
@@ -295,7 +309,7 @@ def save_checkpoint(
     _remove_stale_temps(folder)
     config_bytes = config_text.encode("utf-8")
     weights_name = SAFETENSORS_NAME if safe_serialization else BIN_NAME
-    data = serialize_tensors(tensors, safe_serialization, {CONFIG_DIGEST_KEY: config_digest(config_bytes)})
+    data = serialize_tensors(tensors, safe_serialization, {**(metadata or {}), CONFIG_DIGEST_KEY: config_digest(config_bytes)})
     temps = [_write_temp(folder, weights_name, data), _write_temp(folder, CONFIG_NAME, config_bytes)]
     try:
         current = checkpoint_files(folder, warn=False)
@@ -397,15 +411,66 @@ def resolve_local_dir(path: str | os.PathLike, subfolder: Optional[str] = None) 
     )
 
 
-def write_model_card(folder: str, base_model: Optional[str]) -> None:
+_PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation", "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction",
+}
+
+
+def model_card_text(config: dict) -> str:
+    """A model card (README.md) as PEFT writes one: Hub metadata (library, base model, tags,
+    pipeline), then the adapter's method, base model, config and how to load it."""
+    from .. import __version__
+
+    base = config.get("base_model_name_or_path")
+    method = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
+    task = config.get("task_type")
+    task = None if task is None else str(getattr(task, "value", task))
+    meta = ["---", "library_name: peft"]
+    if base:
+        meta.append(f"base_model: {json.dumps(base)}")
+    tags = ([f"base_model:adapter:{base}"] if base else []) + [method.lower(), "deltatune"]
+    meta.append("tags:")
+    meta += [f"- {json.dumps(t)}" for t in tags]
+    if task in _PIPELINE_TAGS:
+        meta.append(f"pipeline_tag: {_PIPELINE_TAGS[task]}")
+    meta.append("---")
+    shown = {k: (sorted(v) if isinstance(v, set) else getattr(v, "value", v)) for k, v in config.items()}
+    body = [
+        "",
+        f"# {method} adapter" + (f" for {base}" if base else ""),
+        "",
+        f"A {method} adapter in Hugging Face PEFT's format (`adapter_config.json`, `adapter_model.safetensors`)"
+        + (f" for the base model `{base}`" if base else "") + (f", task `{task}`" if task else "") + ".",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from peft import PeftModel  # or: from deltatune import PeftModel",
+        "",
+        f"model = PeftModel.from_pretrained(base_model, {json.dumps('path/to/this/folder')})",
+        "```",
+        "",
+        "## Adapter config",
+        "",
+        "```json",
+        json.dumps(shown, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "### Framework versions",
+        "",
+        f"- deltatune {__version__}",
+        "",
+    ]
+    return "\n".join(meta + body)
+
+
+def write_model_card(folder: str, config: dict) -> None:
+    """``folder/README.md`` for an adapter saved there; a README already there is kept."""
     path = os.path.join(folder, "README.md")
     if os.path.exists(path):
         return
-    lines = ["---", "library_name: peft"]
-    if base_model:
-        lines.append(f"base_model: {json.dumps(base_model)}")
-    lines += ["tags:", "- deltatune", "---", "", "# Adapter", "", "Saved with deltatune in PEFT's format.", ""]
-    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(path, model_card_text(config))
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

@@ -11,7 +11,7 @@ checkpoint leaves the model exactly as it was.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -67,16 +67,127 @@ def bias_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
     return slots
 
 
-def get_peft_model_state_dict(tuner: "AdapterModel", adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The checkpoint of ``adapter_name``: PEFT's keys and, after the method's save hook, PEFT's tensors."""
-    state = {key: getattr(owner, attr).detach() for key, (owner, attr) in adapter_slots(tuner, adapter_name).items()}
-    return tuner.prepare_state_dict_for_save(state, adapter_name)
+class LoadResult(NamedTuple):
+    """What :func:`set_peft_model_state_dict` did not load, as checkpoint keys."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+# a plain model that inject_adapter_in_model changed keeps its tuner here (not a submodule)
+TUNER_ATTR = "_deltatune_tuner"
+
+
+def tuner_of(model: Any, caller: str = "get_peft_model_state_dict") -> tuple["AdapterModel", str]:
+    """The tuner behind ``model`` (a PeftModel, a ``<Method>Model`` or a model changed by
+    inject_adapter_in_model) and the prefix its checkpoint keys carry in that namespace."""
+    from ..core.tuner import AdapterModel
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(model, AdapterModel):
+        return model, MODEL_PREFIX
+    base = model._modules.get("base_model") if isinstance(model, nn.Module) else None
+    if isinstance(base, AdapterModel):
+        return base, MODEL_PREFIX
+    tuner = getattr(model, "__dict__", {}).get(TUNER_ATTR)
+    if isinstance(tuner, AdapterModel):
+        return tuner, ""
+    raise TypeError(
+        f"{caller} needs a deltatune PeftModel, a <Method>Model or a model changed by inject_adapter_in_model; "
+        f"got a {type(model).__name__} without adapters"
+    )
+
+
+def _rebase(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Checkpoint keys (``base_model.model.``…) in the namespace of a model with ``prefix``."""
+    if prefix == MODEL_PREFIX:
+        return state
+    return {(k[len(MODEL_PREFIX):] if k.startswith(MODEL_PREFIX) else k): v for k, v in state.items()}
+
+
+def _unrebase(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if prefix == MODEL_PREFIX:
+        return state
+    return {(k if k.startswith("base_model.") else MODEL_PREFIX + k): v for k, v in state.items()}
+
+
+def get_peft_model_state_dict(
+    model: Any,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: Union[bool, str] = "auto",
+) -> dict[str, torch.Tensor]:
+    """The checkpoint of ``adapter_name``: PEFT's keys and, after the method's save hook, PEFT's tensors.
+
+    ``model``: a PeftModel, a ``<Method>Model`` or a model changed by inject_adapter_in_model (keys
+    then lack ``base_model.model.``, as in PEFT). ``state_dict``: take the tensors from this state
+    dict of ``model`` instead of its live parameters. ``unwrap_compiled`` is accepted for PEFT's
+    signature (compiled models are always unwrapped); ``save_embedding_layers`` is ignored: no
+    method here adapts embeddings. deltatune's older call ``(model, adapter_name)`` still works.
+    """
+    if isinstance(state_dict, str):  # deltatune < 0.2: get_peft_model_state_dict(tuner, adapter_name)
+        state_dict, adapter_name = None, state_dict
+    tuner, prefix = tuner_of(model)
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"Adapter {adapter_name!r} not found; known adapters: {sorted(tuner.peft_config)}")
+    slots = adapter_slots(tuner, adapter_name)
+    if state_dict is None:
+        state = {key: getattr(owner, attr).detach() for key, (owner, attr) in slots.items()}
+    else:
+        names = _memory_names(model)
+        state = {}
+        for key, (owner, attr) in slots.items():
+            name = names.get((id(owner), attr))
+            if name is None or name not in state_dict:
+                raise KeyError(f"get_peft_model_state_dict: the state_dict passed has no {name or key!r} (for {key})")
+            state[key] = state_dict[name]
+    return _rebase(tuner.prepare_state_dict_for_save(state, adapter_name), prefix)
+
+
+def _memory_names(model: nn.Module) -> dict[tuple[int, str], str]:
+    """(id(owner module), attribute) -> the tensor's name in ``model.state_dict()``."""
+    names: dict[tuple[int, str], str] = {}
+    for path, module in getattr(model, "_orig_mod", model).named_modules(remove_duplicate=False):
+        for attr in list(module._parameters) + list(module._buffers):
+            names.setdefault((id(module), attr), f"{path}.{attr}" if path else attr)
+    return names
 
 
 def set_peft_model_state_dict(
-    tuner: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str = "default", assign: bool = False
-) -> None:
-    """Load a PEFT-format adapter state dict into ``adapter_name``; all-or-nothing."""
+    model: Any,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> LoadResult:
+    """Load a PEFT-format adapter state dict into ``adapter_name``, as PEFT does: keys that match are
+    loaded and the others returned as ``(missing_keys, unexpected_keys)`` (checkpoint keys; PEFT's
+    own ``missing_keys`` also list every base-model weight). A shape mismatch raises unless
+    ``ignore_mismatched_sizes`` (then the tensor is skipped with a warning). Nothing is written
+    unless every tensor that will be written checks out. ``low_cpu_mem_usage``: assign the tensors
+    instead of copying (adapters created on ``meta``)."""
+    tuner, prefix = tuner_of(model, "set_peft_model_state_dict")
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"Adapter {adapter_name!r} not found; known adapters: {sorted(tuner.peft_config)}")
+    state = _unrebase(dict(peft_model_state_dict), prefix)
+    missing, unexpected = load_adapter_state(
+        tuner, state, adapter_name, assign=low_cpu_mem_usage, strict=False, ignore_mismatched_sizes=ignore_mismatched_sizes
+    )
+    return LoadResult([_rebase({k: None}, prefix).popitem()[0] for k in missing],
+                      [_rebase({k: None}, prefix).popitem()[0] for k in unexpected])
+
+
+def load_adapter_state(
+    tuner: "AdapterModel",
+    state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    assign: bool = False,
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Load a PEFT-format adapter state dict into ``adapter_name``; all-or-nothing. ``strict``: a
+    missing or unexpected key is an error (checkpoint files); otherwise they are returned."""
     state_dict = tuner.prepare_state_dict_for_load(dict(state_dict), adapter_name)
     slots = adapter_slots(tuner, adapter_name)
     unexpected = sorted(set(state_dict) - set(slots))
@@ -90,24 +201,28 @@ def set_peft_model_state_dict(
             f"model's biases are kept for {_show(no_bias)}"
         )
         missing = [k for k in missing if k not in no_bias]
-        slots = {k: v for k, v in slots.items() if k not in no_bias}
+    slots = {k: v for k, v in slots.items() if k in state_dict}
     problems: list[str] = []
-    if missing:
+    if strict and missing:
         problems.append(
             f"missing keys {_show(missing)} (the checkpoint was saved for other target modules or another base model, "
             "or the file is incomplete)"
         )
-    if unexpected:
+    if strict and unexpected:
         problems.append(
             f"unexpected keys {_show(unexpected)} (the checkpoint was saved for other target modules, another base "
             "model or another method)"
         )
-    for key in sorted(set(slots) & set(state_dict)):
+    skipped: list[str] = []
+    for key in sorted(slots):
         owner, attr = slots[key]
         current, value = getattr(owner, attr), state_dict[key]
         want = tuple(current.shape)
         got = tuple(value.shape)
         if want != got:
+            if ignore_mismatched_sizes:
+                skipped.append(f"{key}: checkpoint {got}, model {want}")
+                continue
             problems.append(
                 f"shape mismatch for {key}: checkpoint {got}, model {want} (a different base model, or a config "
                 "that differs from the one the checkpoint was trained with, e.g. r or rank_pattern)"
@@ -116,6 +231,12 @@ def set_peft_model_state_dict(
             problems.append(f"dtype mismatch for {key}: checkpoint {value.dtype}, model {current.dtype}")
     if problems:
         raise CheckpointError(f"Cannot load adapter '{adapter_name}': " + "; ".join(problems))
+    if skipped:
+        warnings.warn(
+            f"Some weights of adapter '{adapter_name}' were not loaded because their shapes differ and "
+            f"ignore_mismatched_sizes=True: {'; '.join(skipped)}"
+        )
+        slots = {k: v for k, v in slots.items() if not any(s.startswith(k + ":") for s in skipped)}
     nonfinite = [k for k in sorted(slots) if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
     if nonfinite:
         warnings.warn(
@@ -135,6 +256,7 @@ def set_peft_model_state_dict(
                     setattr(owner, attr, new)
             else:
                 current.copy_(value.to(current.dtype))
+    return missing, unexpected
 
 
 def _kind(t: torch.Tensor) -> str:

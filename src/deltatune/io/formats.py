@@ -1,0 +1,78 @@
+"""Checkpoint formats of one method under two PEFT names: Bone (PEFT ≤ 0.18.1) and MiSS (PEFT ≥ 0.19).
+
+The two are one method: MiSS's ``init_weights`` True/False/"bat" are Bone's, its tensor
+``miss_block`` is Bone's ``bone_block``; MiSS adds ``miss_dropout`` (training only) and the
+``"mini"`` variant, which Bone cannot express. A saved adapter is converted here, as a pure
+mapping of the config dict and the tensor keys, to the format asked for:
+
+- by default a Bone adapter is written as MiSS, the only name today's PEFT loads;
+- ``save_pretrained(..., peft_format="BONE")`` writes PEFT 0.18.1's Bone format.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+
+# the format a method's adapters are written in unless the caller asks for another
+DEFAULT_FORMAT = {"BONE": "MISS"}
+# safetensors metadata key: the peft_type the adapter had here when it was written in another
+# format, so that it loads back as itself (PEFT ignores the key)
+SAVED_FROM_KEY = "deltatune_peft_type"
+
+_BLOCK = {"BONE": "bone_block", "MISS": "miss_block"}
+_MISS_ONLY_FIELDS = {"miss_dropout": 0.0, "mini_r": 1}  # MissConfig's fields Bone lacks, with PEFT's defaults
+
+
+def _rename_block(tensors: dict[str, torch.Tensor], source: str, target: str) -> dict[str, torch.Tensor]:
+    old, new = "." + _BLOCK[source], "." + _BLOCK[target]
+    return {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
+
+
+def export_checkpoint(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], peft_format: Optional[str] = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config dict, tensors)`` in the checkpoint format ``peft_format`` (a peft_type; None: the
+    method's default format, see :data:`DEFAULT_FORMAT`)."""
+    source = str(getattr(config["peft_type"], "value", config["peft_type"]))
+    target = str(getattr(peft_format, "value", peft_format)).upper() if peft_format is not None else DEFAULT_FORMAT.get(source, source)
+    if target == source:
+        return config, tensors
+    if {source, target} != {"BONE", "MISS"}:
+        raise ValueError(
+            f"peft_format={peft_format!r} cannot be written for a {source} adapter: only Bone and MiSS adapters "
+            "convert (to 'BONE' or 'MISS')"
+        )
+    config = dict(config)
+    if target == "MISS":
+        for key, default in _MISS_ONLY_FIELDS.items():
+            config.setdefault(key, default)
+    else:
+        if config.get("init_weights") == "mini":
+            raise ValueError(
+                "A MiSS adapter with init_weights='mini' has no Bone equivalent: it cannot be saved with "
+                "peft_format='BONE' (PEFT 0.18.1 cannot load it); save it as MiSS"
+            )
+        if config.get("miss_dropout"):
+            warnings.warn(
+                f"miss_dropout={config['miss_dropout']} is not written in PEFT 0.18.1's Bone format, which has no "
+                "dropout (outputs in eval mode are the same; further training there runs without dropout)"
+            )
+        for key in _MISS_ONLY_FIELDS:
+            config.pop(key, None)
+    config["peft_type"] = target
+    return config, _rename_block(tensors, source, target)
+
+
+def saved_from(config: dict[str, Any], metadata: dict[str, str]) -> dict[str, Any]:
+    """The config dict of a checkpoint as this library wrote it: a Bone adapter written as MiSS
+    (metadata :data:`SAVED_FROM_KEY`) reads back as Bone; any other config is returned as is."""
+    original = metadata.get(SAVED_FROM_KEY)
+    current = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
+    if not original or original == current or {original, current} != {"BONE", "MISS"}:
+        return config
+    if original == "BONE" and (config.get("init_weights") == "mini" or config.get("miss_dropout")):
+        return config  # edited into a MiSS-only adapter since: keep it MiSS
+    return export_checkpoint(config, {}, original)[0]
