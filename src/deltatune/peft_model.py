@@ -21,8 +21,17 @@ from .core.layer import AdapterLayer
 from .core.modules_to_save import ModulesToSaveWrapper
 from .core.registry import method_for
 from .core.tuner import AdapterModel
-from .io.files import CheckpointFiles, checkpoint_files, ensure_dir, load_weights_file, resolve_local_dir, save_checkpoint, write_model_card
-from .io.formats import export_checkpoint
+from .io.files import (
+    CheckpointFiles,
+    checkpoint_files,
+    ensure_dir,
+    load_weights_file,
+    resolve_local_dir,
+    save_checkpoint,
+    weights_metadata,
+    write_model_card,
+)
+from .io.formats import SAVED_FROM_KEY, export_checkpoint, saved_from
 from .io.state_dict import get_peft_model_state_dict, load_adapter_state
 
 SEQ_CLS_HEADS = ["classifier", "score"]
@@ -37,6 +46,16 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, set):
         return sorted(value)
     return value
+
+
+def _read_config(files: CheckpointFiles) -> TunerConfig:
+    """The config of a checkpoint pair; an adapter this library wrote in another method's format
+    (Bone as MiSS) comes back as it was."""
+    config = PeftConfig.from_config_file(files.config)
+    metadata = weights_metadata(files.weights)
+    if metadata.get(SAVED_FROM_KEY, config.peft_type) != config.peft_type:
+        config = PeftConfig.from_peft_type(**saved_from(config.to_dict(), metadata))
+    return config
 
 
 class _ModelState:
@@ -275,7 +294,9 @@ class PeftModel(nn.Module):
             folder = root if name == "default" else ensure_dir(root / name)
             tensors = get_peft_model_state_dict(self.base_model, adapter_name=name)
             data = {k: _json_ready(v) for k, v in self.base_model.config_for_save(name).items()}
-            data, tensors = export_checkpoint(data, tensors, peft_format)
+            written, tensors = export_checkpoint(data, tensors, peft_format)
+            metadata = {} if written["peft_type"] == data["peft_type"] else {SAVED_FROM_KEY: str(data["peft_type"])}
+            data = written
             data["inference_mode"] = True
             base = self.get_base_model()
             if data.get("base_model_name_or_path") is None:
@@ -283,7 +304,7 @@ class PeftModel(nn.Module):
             if data.get("task_type") is None:
                 data["auto_mapping"] = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
             # both files atomically as a pair: a kill at any point leaves the old or the new checkpoint
-            save_checkpoint(folder, json.dumps(data, indent=2, sort_keys=True) + "\n", tensors, safe_serialization)
+            save_checkpoint(folder, json.dumps(data, indent=2, sort_keys=True) + "\n", tensors, safe_serialization, metadata)
             write_model_card(str(folder), data)
 
     # ------------------------------------------------------------------ loading
@@ -302,7 +323,7 @@ class PeftModel(nn.Module):
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
         files = checkpoint_files(folder)
         if config is None:
-            config = PeftConfig.from_config_file(files.config)
+            config = _read_config(files)
         config.inference_mode = not is_trainable
         wrapper = TASK_WRAPPERS.get(config.task_type, PeftModel) if cls is PeftModel else cls
         before = _ModelState(model)
@@ -334,7 +355,7 @@ class PeftModel(nn.Module):
     ) -> LoadResult:
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
         files = checkpoint_files(folder)
-        config = PeftConfig.from_config_file(files.config)
+        config = _read_config(files)
         config.inference_mode = not is_trainable
         known = set(self.peft_config)
         before = _ModelState(self.base_model.model)

@@ -345,7 +345,10 @@ class AdapterModel(nn.Module):
             remaining = [sorted(self.peft_config)[0]]
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}.")
         if remaining:
-            self.set_adapter(remaining, inference_mode=not self._trainable)
+            # not set_adapter, which unmerges: an adapter that is merged and stays active stays merged
+            self._active = remaining
+            for module in self._lifecycle_modules():
+                module.set_adapter(remaining, trainable=self._trainable)
         else:
             self._active = []
             for module in self._lifecycle_modules():

@@ -15,15 +15,14 @@ inverse: W_ij = (W'_ij − B_i)(I + B_i)⁻¹.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CONFIG_REGISTRY, TunerConfig, check_positive_int
+from ..config import TunerConfig, check_positive_int
 from ..core.layer import Delta, LayerSpec
 from ..core.precision import autocast_exempt
 from ..core.registry import register_method
@@ -49,24 +48,6 @@ class BoneConfig(TunerConfig):
         check_positive_int("r", self.r)
         if self.init_weights not in (True, False, "bat"):
             raise ValueError(f"BoneConfig.init_weights must be True, False or 'bat', got {self.init_weights!r}")
-
-    @classmethod
-    def _convert_legacy(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Read PEFT's MiSS configs (the renamed Bone) as Bone where the variant maps."""
-        if str(data.get("peft_type")) != "MISS":
-            return data
-        variant = data.get("init_weights", True)
-        if variant == "mini":
-            raise ValueError(
-                "This is a MiSS adapter with init_weights='mini', which has no Bone equivalent; load it with PEFT's MissConfig"
-            )
-        if data.get("miss_dropout", 0.0):
-            warnings.warn(
-                f"MiSS miss_dropout={data['miss_dropout']} is dropped: Bone has no dropout (outputs in eval mode are unchanged)"
-            )
-        data = {k: v for k, v in data.items() if k not in ("miss_dropout", "mini_r")}
-        data["peft_type"] = "BONE"
-        return data
 
 
 def _fold(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -284,5 +265,5 @@ class BoneModel(AdapterModel):
 
 
 register_method(BoneConfig, BoneModel, prefix="bone_")
-# PEFT >= 0.19 renamed Bone to MiSS: its configs load here (see BoneConfig._convert_legacy)
-CONFIG_REGISTRY.setdefault("MISS", BoneConfig)
+# PEFT >= 0.19 renamed Bone to MiSS (methods/miss.py); Bone adapters are saved in MiSS's format
+# unless PEFT 0.18.1's is asked for (io/formats.py)
