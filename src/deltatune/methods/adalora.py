@@ -489,7 +489,8 @@ class AdaLoraModel(AdapterModel):
         weights in its own partitions: the allocator works on whole fp32 copies read through
         ``deepspeed.utils`` (``safe_get_full_grad``, ``safe_get_full_fp32_param``; identical on every
         rank) and writes the masked E back to DeepSpeed's master copy and to the model's weights.
-        ``engine.step()`` frees the gradients, so :meth:`capture_gradients` must run before it;
+        ``engine.step()`` frees the gradients, so :meth:`capture_gradients` must run between
+        ``engine.backward`` and ``engine.step()``, and this method after the step (PEFT's order);
         ``deltatune.integrations.deepspeed.attach_adalora(engine)`` does both at every step.
         Every rank must call it (it gathers).
         """
@@ -603,7 +604,14 @@ class AdaLoraModel(AdapterModel):
         from deepspeed.utils import safe_get_full_fp32_param
 
         if grads and self._zero_grads is None:
-            self.capture_gradients()  # called between engine.backward and engine.step
+            # reading them here is too late after engine.step() (ZeRO-2 then raises on the ranks that
+            # own a fragment while the others wait in the all-reduce) and too early before it (PEFT
+            # masks after the optimizer step): refuse, on every rank alike, before any collective
+            raise RuntimeError(
+                f"AdaLoRA adapter '{name}' runs under DeepSpeed ZeRO, whose engine.step() frees the gradients: call "
+                "model.base_model.capture_gradients() after engine.backward(loss) and before engine.step(), then "
+                "update_and_allocate(step) after it, or let deltatune.integrations.deepspeed.attach_adalora(engine) do both"
+            )
         live = self.triplets(name)
         copies = self._zero_triplets(name, live)
         for path, trip in live.items():
