@@ -147,8 +147,11 @@ def _base_of(model: nn.Module) -> nn.Module:
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """One :class:`TunerLayerStatus` per adapter layer and modules_to_save wrapper, as in PEFT."""
+    from .peft_model import PeftModel
+
     statuses = []
-    for name, module in _adapter_modules(_base_of(model)):
+    # names relative to the tuner for a PeftModel (``model.lin0``), as PEFT reports them
+    for name, module in _adapter_modules(model.base_model if isinstance(model, PeftModel) else model):
         parts = _adapter_parts(module)
         grads = {k: _all_or_irregular([p.requires_grad for p in part.parameters()]) for k, part in parts.items()
                  if any(True for _ in part.parameters())}

@@ -1,0 +1,190 @@
+"""PEFT's helper API and behaviour, checked against peft 0.21.2 itself where both can run the same
+call: enums, injection, status reports, state-dict helpers with PEFT's arguments, AutoPeftModel,
+the load_adapter(is_trainable=True) and delete_adapter-keeps-merge behaviours, model cards."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+
+import peft
+import pytest
+import torch
+
+import deltatune as dt
+from conftest import build, out_of
+from models import randomize_adapters, tiny_llama, token_input
+
+HELPERS = [
+    "inject_adapter_in_model", "get_model_status", "get_layer_status", "load_peft_weights", "get_peft_config",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "get_peft_model", "get_base_model_state_dict",
+    "set_base_model_state_dict",
+]
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_helpers_have_peft_signatures(name):
+    ours = inspect.signature(getattr(dt, name)).parameters
+    theirs = inspect.signature(getattr(peft, name)).parameters
+    assert list(ours) == list(theirs)
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+
+
+def test_enums_behave_like_peft():
+    assert {t.value for t in dt.TaskType} == {t.value for t in peft.TaskType}
+    assert {t.value for t in peft.PeftType} <= {t.value for t in dt.PeftType}
+    config = dt.FourierFTConfig(task_type=dt.TaskType.CAUSAL_LM)
+    assert config.peft_type == "FOURIERFT" and config.peft_type.value == "FOURIERFT"
+    assert config.peft_type is dt.PeftType.FOURIERFT and config.task_type == peft.TaskType.CAUSAL_LM
+    assert f"{config.peft_type}" == "FOURIERFT" and json.loads(config.to_json_string())["peft_type"] == "FOURIERFT"
+    assert dt.RandLoraConfig(peft_type="test").peft_type == "RANDLORA"  # PEFT overrides it too
+    assert dt.RandLoraConfig(randlora_alpha=640.0).randlora_alpha == peft.RandLoraConfig(randlora_alpha=640.0).randlora_alpha
+    assert dt.MissConfig().is_prompt_learning is peft.MissConfig().is_prompt_learning is False
+
+
+def test_config_files_as_peft(tmp_path):
+    peft.MissConfig(r=4, target_modules=["lin0"]).save_pretrained(tmp_path)
+    assert dt.PeftConfig.from_json_file(tmp_path / "adapter_config.json") == peft.PeftConfig.from_json_file(
+        str(tmp_path / "adapter_config.json"))
+    assert isinstance(dt.PeftConfig.from_pretrained(tmp_path), dt.MissConfig)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    del data["peft_type"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has no `peft_type` key"):
+        dt.MissConfig.from_pretrained(tmp_path)
+    config = dt.get_peft_config({"peft_type": "FOURIERFT", "n_frequency": 7})
+    assert isinstance(config, dt.FourierFTConfig) and config.n_frequency == 7
+
+
+def test_inject_adapter_in_model_matches_peft():
+    config = dict(r=4, target_modules=["lin0"])
+    ours = dt.inject_adapter_in_model(dt.MissConfig(**config), build("mlp")[0])
+    theirs = peft.inject_adapter_in_model(peft.MissConfig(**config), build("mlp")[0])
+    assert type(ours).__name__ == type(theirs).__name__ == "MLP"
+    our_sd, their_sd = dt.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(our_sd) == sorted(their_sd) == ["lin0.miss_block"]
+    with torch.no_grad():
+        their_sd = {k: torch.randn_like(v) for k, v in their_sd.items()}
+    result = dt.set_peft_model_state_dict(ours, their_sd)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    peft.set_peft_model_state_dict(theirs, their_sd)
+    x = build("mlp")[1]["x"]
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
+    status = dt.get_model_status(ours)
+    assert status.peft_types == {"default": "MISS"} and status.num_adapter_layers == 1
+
+
+def test_state_dict_helpers_take_peft_arguments():
+    model = dt.get_peft_model(build("mlp")[0], dt.MissConfig(r=2, target_modules=["lin0", "lin1"]))
+    randomize_adapters(model, seed=1)
+    live = dt.get_peft_model_state_dict(model)
+    from_sd = dt.get_peft_model_state_dict(model, state_dict=model.state_dict(), adapter_name="default",
+                                           unwrap_compiled=True)
+    assert live.keys() == from_sd.keys() and all(torch.equal(live[k], from_sd[k]) for k in live)
+    part = {k: v for k, v in live.items() if "lin0" in k}
+    part["base_model.model.nowhere.miss_block"] = torch.zeros(1)
+    result = dt.set_peft_model_state_dict(model, part, adapter_name="default")
+    assert result.missing_keys == ["base_model.model.lin1.miss_block"]
+    assert result.unexpected_keys == ["base_model.model.nowhere.miss_block"]
+    wrong = {"base_model.model.lin0.miss_block": torch.zeros(3, 20)}
+    with pytest.raises(dt.CheckpointError, match="shape mismatch for base_model.model.lin0.miss_block"):
+        dt.set_peft_model_state_dict(model, wrong)
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes=True"):
+        dt.set_peft_model_state_dict(model, wrong, ignore_mismatched_sizes=True)
+    assert torch.equal(model.base_model.model.lin0.adapters["default"].miss_block, live["base_model.model.lin0.miss_block"])
+
+
+def test_base_model_state_dict_round_trip():
+    model = dt.get_peft_model(build("mlp")[0], dt.MissConfig(r=2, target_modules=["lin0"], modules_to_save=["lin1"]))
+    plain = build("mlp")[0].state_dict()
+    got = dt.get_base_model_state_dict(model)
+    assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)
+    new = {k: v + 1 for k, v in plain.items()}
+    assert dt.set_base_model_state_dict(model, new) == ([], [])
+    assert torch.equal(model.base_model.model.lin0.base_layer.weight, new["lin0.weight"])
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        dt.set_base_model_state_dict(model, {**new, "extra": torch.zeros(1)})
+
+
+def test_status_reports_match_peft():
+    def make(lib):
+        model = lib.get_peft_model(build("mlp")[0], lib.MissConfig(r=2, target_modules=["lin0", "lin1"]))
+        model.add_adapter("other", lib.MissConfig(r=2, target_modules=["lin1"]))
+        return model
+
+    ours, theirs = make(dt), make(peft)
+    for model in (ours, theirs):  # one layer merged: "irregular" in both
+        model.base_model.model.lin1.merge(adapter_names=["default"])
+    a, b = dt.get_model_status(ours), peft.get_model_status(theirs)
+    for field in ("base_model_type", "peft_types", "trainable_params", "total_params", "num_adapter_layers",
+                  "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
+        assert getattr(a, field) == getattr(b, field), field
+    layers_a = {s.name: s for s in dt.get_layer_status(ours)}
+    layers_b = {s.name: s for s in peft.get_layer_status(theirs)}
+    assert layers_a.keys() == layers_b.keys()
+    for key in layers_a:
+        for field in ("enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters"):
+            assert getattr(layers_a[key], field) == getattr(layers_b[key], field), (key, field)
+    with pytest.raises(ValueError, match="No adapter layers found"):
+        dt.get_layer_status(build("mlp")[0])
+
+
+def test_peft_model_properties_and_errors(tmp_path):
+    model = dt.get_peft_model(build("mlp")[0], dt.MissConfig(r=2, target_modules=["lin0"]))
+    assert model.active_peft_config is model.peft_config["default"] and model.has_active_enabled_adapter
+    with model.disable_adapter():
+        assert not model.has_active_enabled_adapter
+    with pytest.raises(AttributeError, match="'PeftModel' object has no attribute 'no_such_thing'"):
+        model.no_such_thing
+    with pytest.raises(RuntimeError, match="offline"):
+        model.push_to_hub("someone/some-adapter")
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "- \"miss\"" in card and '"r": 2' in card
+    assert "PeftModel.from_pretrained" in card
+
+
+def test_load_adapter_trainable_at_once_and_delete_keeps_merge(tmp_path):
+    config = dict(r=2, target_modules=["lin0"], modules_to_save=["lin1"])
+    first = dt.get_peft_model(build("mlp")[0], dt.MissConfig(**config))
+    randomize_adapters(first, seed=4)
+    first.save_pretrained(tmp_path)
+    for lib in (dt, peft):
+        model = lib.get_peft_model(build("mlp")[0], lib.MissConfig(**config))
+        model.load_adapter(str(tmp_path), "other", is_trainable=True)
+        grads = {n: p.requires_grad for n, p in model.named_parameters() if ".other" in n or "other." in n}
+        assert grads and all(grads.values()), (lib.__name__, grads)
+        assert model.active_adapters == ["default"]
+    # delete an inactive adapter while the active one is merged: the merge stays (PEFT too)
+    results = {}
+    for lib in (dt, peft):
+        model = lib.get_peft_model(build("mlp")[0], lib.MissConfig(r=2, target_modules=["lin0"], init_weights=False), "a0")
+        model.add_adapter("a1", lib.MissConfig(r=2, target_modules=["lin0"], init_weights=False))
+        model.set_adapter("a1")
+        model.merge_adapter()
+        model.delete_adapter("a0")
+        results[lib.__name__] = (model.base_model.model.lin0.merged, list(model.base_model.model.lin0.merged_adapters))
+    assert results["deltatune"] == results["peft"] == (True, ["a1"])
+
+
+def test_auto_peft_model_loads_base_and_adapter(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = dt.get_peft_model(base, dt.FourierFTConfig(n_frequency=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    randomize_adapters(model, seed=2)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    ids = token_input()
+    expected = model.eval()(input_ids=ids).logits
+    for cls in (dt.AutoPeftModelForCausalLM, dt.AutoPeftModel):
+        loaded = cls.from_pretrained(tmp_path / "adapter")
+        assert isinstance(loaded, dt.PeftModelForCausalLM)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match="Expected target PEFT class: PeftModelForSequenceClassification"):
+        dt.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+
+
+def test_config_dataclasses_replace():
+    config = dt.MissConfig(r=4)
+    assert dataclasses.replace(config, r=8).r == 8
