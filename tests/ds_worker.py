@@ -37,9 +37,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 MODES = ("zero2", "zero2_accum", "zero3_init", "zero3_after")
 ACCUM = 2  # micro-batches per optimizer step in zero2_accum
-# one case per method on a transformers model (labels give a loss, so AdaLoRA's orthogonal
-# regulariser runs too); all-linear targets where the case table has them
-CASE_IDS = ("fourierft-llama", "randlora-llama", "adalora-llama", "bone-llama-all-linear", "bat-llama")
+
+
+def llama_cases(cases) -> list:
+    """The first tiny-Llama case of every variant (the case id's prefix: bone, bat, adalora, …): a
+    transformers model, whose labels give a loss, so AdaLoRA's orthogonal regulariser runs too."""
+    seen, out = set(), []
+    for case in cases:
+        variant = case.id.split("-")[0]
+        if case.model == "llama" and variant not in seen:
+            seen.add(variant)
+            out.append(case)
+    return out
 
 
 def ds_config(stage: int, accum: int = 1) -> dict:
@@ -236,7 +245,7 @@ def run_case(case, mode: str, out_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", default=",".join(CASE_IDS))
+    parser.add_argument("--cases", default="", help="case ids (default: llama_cases)")
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
 
@@ -262,8 +271,7 @@ def main() -> None:
     from cases import CASES
 
     wanted = [c for c in args.cases.split(",") if c]
-    by_id = {c.id: c for c in CASES}
-    cases = [by_id[c] for c in wanted]
+    cases = [c for c in CASES if c.id in wanted] if wanted else llama_cases(CASES)
     results: dict = {"timing": {}}
     for mode in args.modes.split(","):
         start = time.perf_counter()
