@@ -360,7 +360,7 @@ def _support_table() -> dict[str, dict[str, str]]:
 
 
 TABLE_NAMES = {"BONE": "Bone / BAT", "ADALORA": "AdaLoRA", "FOURIERFT": "FourierFT", "RANDLORA": "RandLoRA"}
-ALWAYS = ["fp32", "fp16", "bf16", "compile", "DDP", "FSDP2", "mixed batches"]
+ALWAYS = ["fp32", "fp16", "bf16", "compile", "DDP", "FSDP2", "DeepSpeed", "mixed batches"]
 
 
 def test_support_table_matches_the_tests():
