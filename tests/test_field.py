@@ -297,3 +297,32 @@ def test_meta_creation_trains_on_meta_and_materialises_identically(case, path):
     model.eval(), ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(logits(model), logits(ref), rtol=0, atol=0)
+
+
+# ================================================================ the README table
+README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
+TABLE_NAMES = {"BONE": "Bone / BAT", "ADALORA": "AdaLoRA", "FOURIERFT": "FourierFT", "RANDLORA": "RandLoRA"}
+COLUMN_TESTS = {
+    "autocast bf16": test_autocast_matches_fp32, "autocast fp16": test_autocast_matches_fp32,
+    "checkpointing": test_gradient_checkpointing_matches_plain_backward, "bf16 base": test_bf16_base_trains_like_fp32,
+    "bnb 8-bit": test_quantized_base, "bnb 4-bit": test_quantized_base, "torchao int8": test_quantized_base,
+    "meta init": test_meta_creation_trains_on_meta_and_materialises_identically,
+}
+
+
+def test_training_conditions_table_matches_the_tests():
+    """Each row of README's 'Training conditions' table is a method with cases in FIELD; each
+    column is a test here parametrized over FIELD; quantized cells say the merge is refused, as
+    ``AdapterLayer.check_mergeable`` does."""
+    body = README.read_text(encoding="utf-8").split("## Training conditions", 1)[1].split("\n## ", 1)[0]
+    lines = [ln.strip() for ln in body.splitlines() if ln.strip().startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    assert header == list(COLUMN_TESTS), header
+    rows = {cells[0]: dict(zip(header, cells[1:])) for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+    peft_types = {str(getattr(c.config().peft_type, "value", c.config().peft_type)) for c in FIELD}
+    methods = {TABLE_NAMES.get(t, t) for t in peft_types}
+    assert set(rows) == methods, (set(rows), methods)
+    for name, row in rows.items():
+        for column, cell in row.items():
+            assert cell.startswith("✓"), f"{name} / {column}: {cell!r}"
+            assert ("merge refused" in cell) == (column in ("bnb 8-bit", "bnb 4-bit", "torchao int8")), (name, column)
