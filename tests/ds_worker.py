@@ -1,7 +1,7 @@
 """One DeepSpeed worker (CPU accelerator, gloo) that trains every method under ZeRO-2 and ZeRO-3.
 
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 --master_port P \
-        tests/ds_worker.py --out DIR [--modes zero2,zero3_init,zero3_after] [--cases bone-llama-all-linear,...]
+        tests/ds_worker.py --out DIR [--modes zero2,zero3_init,...] [--cases bone-llama-all-linear,...] [--zero3-cases bone-gpt2,...]
 
 Modes:
 
@@ -39,13 +39,14 @@ MODES = ("zero2", "zero2_accum", "zero3_init", "zero3_after")
 ACCUM = 2  # micro-batches per optimizer step in zero2_accum
 
 
-def llama_cases(cases) -> list:
-    """The first tiny-Llama case of every variant (the case id's prefix: bone, bat, adalora, …): a
-    transformers model, whose labels give a loss, so AdaLoRA's orthogonal regulariser runs too."""
+def model_cases(cases, model: str = "llama") -> list:
+    """The first case of every variant (the case id's prefix: bone, bat, adalora, …) on a tiny
+    transformers model ("llama": Linear layers; "gpt2": Conv1D), whose labels give a loss, so
+    AdaLoRA's orthogonal regulariser runs too."""
     seen, out = set(), []
     for case in cases:
         variant = case.id.split("-")[0]
-        if case.model == "llama" and variant not in seen:
+        if case.model == model and variant not in seen:
             seen.add(variant)
             out.append(case)
     return out
@@ -96,6 +97,22 @@ def base_weights(model) -> dict:
     return {n.removeprefix("base_model.model.").replace(".base_layer.", "."): v for n, v in values.items()}
 
 
+def no_dropout(model) -> None:
+    """Dropout off (GPT-2 has it): the reference run draws no masks in the same order as the ranks."""
+    import torch.nn as nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def load_base(model, base_sd: dict) -> None:
+    """Load the base weights; a tied weight (GPT-2's lm_head) arrives through the tensor it shares."""
+    missing, unexpected = model.load_state_dict(base_sd, strict=False)
+    tied = set(model.state_dict()) - set(dict(model.named_parameters())) - set(dict(model.named_buffers()))
+    assert not unexpected and set(missing) <= tied, (unexpected, missing)
+
+
 def reference(case, base_sd: dict, init: dict, buffers: dict, world: int, accum: int) -> dict:
     """The same training without DeepSpeed, in this process, from the same weights and buffers: both
     ranks' batches per step, gradients averaged (what data parallelism computes), torch's AdamW,
@@ -106,9 +123,10 @@ def reference(case, base_sd: dict, init: dict, buffers: dict, world: int, accum:
     from conftest import build
 
     fresh, _ = build(case.model)
-    fresh.load_state_dict(base_sd)
+    load_base(fresh, base_sd)
     model = dt.get_peft_model(fresh, case.config())
     model.train()
+    no_dropout(model)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in init:
@@ -157,6 +175,7 @@ def run_case(case, mode: str, out_dir: str) -> dict:
     tuner = model.base_model
     ada = callable(getattr(tuner, "update_and_allocate", None))
     model.train()
+    no_dropout(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     init = full_values(model, names)
 
@@ -234,7 +253,7 @@ def run_case(case, mode: str, out_dir: str) -> dict:
     with torch.no_grad():
         trained = engine(**inputs).logits.float()
     fresh, _ = build(case.model)
-    fresh.load_state_dict(base_sd)  # zero.Init skips transformers' weight init: copy the trained base
+    load_base(fresh, base_sd)  # zero.Init skips transformers' weight init: copy the trained base
     loaded = dt.PeftModel.from_pretrained(fresh, folder)
     with torch.no_grad():
         info["load_diff"] = float((loaded(**inputs).logits.float() - trained).abs().max())
@@ -245,7 +264,8 @@ def run_case(case, mode: str, out_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", default="", help="case ids (default: llama_cases)")
+    parser.add_argument("--cases", default="", help="case ids for every mode (default: model_cases(llama))")
+    parser.add_argument("--zero3-cases", default="", help="more case ids for the ZeRO-3 modes only")
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
 
@@ -271,12 +291,13 @@ def main() -> None:
     from cases import CASES
 
     wanted = [c for c in args.cases.split(",") if c]
-    cases = [c for c in CASES if c.id in wanted] if wanted else llama_cases(CASES)
+    cases = [c for c in CASES if c.id in wanted] if wanted else model_cases(CASES)
+    zero3_extra = [c for c in CASES if c.id in args.zero3_cases.split(",")]
     results: dict = {"timing": {}}
     for mode in args.modes.split(","):
         start = time.perf_counter()
         results[mode] = {}
-        for case in cases:
+        for case in cases + (zero3_extra if mode.startswith("zero3") else []):
             t0 = time.perf_counter()
             try:
                 info = run_case(case, mode, args.out)

@@ -23,11 +23,14 @@ import time
 import pytest
 
 from cases import CASES
-from ds_worker import MODES, STEPS, llama_cases
+from ds_worker import MODES, STEPS, model_cases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SELECTED = llama_cases(CASES)
+SELECTED = model_cases(CASES, "llama")  # every setup
 CASE_IDS = [c.id for c in SELECTED]
+ZERO3_IDS = [c.id for c in model_cases(CASES, "gpt2")]  # Conv1D layers, whose shape ZeRO-3 hides too
+ZERO3_MODES = [m for m in MODES if m.startswith("zero3")]
+RUNS = [(m, c) for m in MODES for c in CASE_IDS] + [(m, c) for m in ZERO3_MODES for c in ZERO3_IDS]
 
 
 def free_port() -> int:
@@ -43,6 +46,7 @@ def results(tmp_path_factory):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         os.path.join(HERE, "ds_worker.py"), "--out", str(out), "--cases", ",".join(CASE_IDS),
+        "--zero3-cases", ",".join(ZERO3_IDS),
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
@@ -70,17 +74,17 @@ def test_every_method_is_covered():
     covered = {c.config().peft_type for c in SELECTED}
     assert covered == {c.config().peft_type for c in CASES}, "a method has no tiny-Llama case in tests/cases*.py"
     assert {"bone", "bat"} <= {c.id.split("-")[0] for c in SELECTED}
+    assert {c.split("-")[0] for c in ZERO3_IDS} == {c.id.split("-")[0] for c in SELECTED}, "GPT-2 cases per variant"
 
 
 def test_launch_finished(results):
     assert results["returncode"] == 0, results["stderr"]
     assert "built successfully" not in results["stdout"], "a DeepSpeed C++ op was compiled"
-    print(f"\nDeepSpeed ZeRO-2/3 over {len(CASE_IDS)} methods x {len(MODES)} setups: "
+    print(f"\nDeepSpeed ZeRO-2/3, {len(RUNS)} runs ({len(CASE_IDS)} variants x {len(MODES)} setups + GPT-2 under ZeRO-3): "
           f"{results['wall']:.1f} s wall, per setup {results['timing']}")
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize("mode, case_id", RUNS)
 def test_trains_identically_and_saves_once(results, mode, case_id):
     """Both ranks see different data; after the steps the adapters are bitwise equal on both ranks,
     equal to data-parallel training without DeepSpeed, and rank 0 alone wrote a checkpoint that
@@ -105,8 +109,7 @@ def test_trains_identically_and_saves_once(results, mode, case_id):
             assert r0["uncaptured_error"] and "capture_gradients" in r0["uncaptured_error"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize("mode, case_id", RUNS)
 def test_frozen_buffers_match_a_plain_model(results, mode, case_id):
     """FourierFT's positions and RandLoRA's bases are the ones a model built without DeepSpeed draws
     from the same seed (zero.Init must not change them: a checkpoint without them relies on it)."""
