@@ -24,7 +24,7 @@ import contextlib
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -43,14 +43,11 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(kind)
 
 
-@contextlib.contextmanager
-def no_autocast(x: torch.Tensor) -> Iterator[None]:
-    """Autocast off for ``x``'s device inside the block (a no-op where autocast does not exist)."""
-    if _autocast_device(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            yield
-    else:
-        yield
+def no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``x``'s device inside the block (nothing to do where it is not on)."""
+    if autocast_dtype(x) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def autocast_exempt(fn: Callable) -> Callable:
