@@ -326,3 +326,26 @@ def test_training_conditions_table_matches_the_tests():
         for column, cell in row.items():
             assert cell.startswith("✓"), f"{name} / {column}: {cell!r}"
             assert ("merge refused" in cell) == (column in ("bnb 8-bit", "bnb 4-bit", "torchao int8")), (name, column)
+
+
+def test_inference_cache_is_automatic_off_accelerators():
+    """The inference cache (one extra weight copy per layer) is on for host memory only; on an
+    accelerator (meta stands in for one) the adapter path runs unless it is asked for."""
+    case = next(c for c in FIELD if c.id.startswith("fourierft"))
+    with torch.device("meta"):
+        base = field_llama()
+    model = dt.get_peft_model(base, config_of(case)).eval()
+    layers = list(model.base_model.adapter_layers())
+    with torch.no_grad():
+        model(input_ids=IDS_IN.to("meta"))
+    assert all(layer._cache is None for layer in layers)
+    for layer in layers:
+        layer.inference_cache = True
+    with torch.no_grad():
+        model(input_ids=IDS_IN.to("meta"))
+    assert all(layer._cache is not None for layer in layers)
+
+    cpu_model = adapted(case).eval()
+    with torch.no_grad():
+        cpu_model(input_ids=IDS_IN)
+    assert all(layer._cache is not None for layer in cpu_model.base_model.adapter_layers())
