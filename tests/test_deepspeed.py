@@ -115,3 +115,30 @@ def test_frozen_buffers_match_a_plain_model(results, mode, case_id):
     from the same seed (zero.Init must not change them: a checkpoint without them relies on it)."""
     r0, _ = ranks(results, mode, case_id)
     assert r0["buffers_vs_plain"] == {}, r0["buffers_vs_plain"]
+
+
+def test_attach_adalora_refuses_what_is_not_a_deepspeed_engine():
+    import deltatune as dt
+    from deltatune.integrations.deepspeed import attach_adalora
+    from models import MLP
+
+    model = dt.get_peft_model(MLP(), dt.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0"]))
+    with pytest.raises(TypeError, match="needs a DeepSpeed engine"):
+        attach_adalora(model)
+
+
+def test_without_deepspeed_gradients_stay_in_grad():
+    """capture_gradients does nothing for plain parameters; update_and_allocate reads .grad as before."""
+    import torch
+
+    import deltatune as dt
+    from models import MLP, mlp_input
+
+    model = dt.get_peft_model(MLP(), dt.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0"]))
+    model(mlp_input()).pow(2).mean().backward()
+    tuner = model.base_model
+    tuner.capture_gradients()
+    assert tuner._zero_grads is None and tuner._zero_copies is None
+    assert tuner.update_and_allocate(0) is None  # warm-up step: scores only
+    assert tuner.update_and_allocate(1) is not None  # pruned from the .grad values
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

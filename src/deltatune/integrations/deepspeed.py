@@ -11,8 +11,10 @@
 What holds, and why:
 
 * Adapters are plain parameters and buffers, so ZeRO shards, reduces and steps them like any other
-  weight. A ``base_layer``'s weight that an :class:`~deltatune.core.layer.AdapterLayer` reads outside
-  the base layer's forward (BAT's weight transform) is fetched by ZeRO-3's hooks of the layer.
+  weight. Tensors an :class:`~deltatune.core.layer.AdapterLayer` reads outside their own module's
+  forward (BAT reads ``base_layer.weight``; deltas run through ``delta_out``) are gathered by ZeRO-3
+  all the same: it registers a partitioned parameter read inside a module's forward as an external
+  parameter of that module.
 * ``deepspeed.zero.Init`` may wrap both the base model and ``get_peft_model``: the adapter's own
   parameters are then partitioned from birth. Frozen random state (FourierFT's positions, RandLoRA's
   bases) is in buffers, which ZeRO never partitions; the config's seed makes them equal on every
@@ -35,7 +37,7 @@ What holds, and why:
 Import ``transformers``' model classes before entering ``zero.Init``: it patches tensor creation, and
 importing ``torch._dynamo`` (which transformers pulls in lazily) inside it fails.
 
-This module imports DeepSpeed only inside the functions that need it.
+This module never imports DeepSpeed itself; the AdaLoRA code it drives imports it where it runs.
 """
 
 from __future__ import annotations
@@ -46,17 +48,7 @@ import torch.nn as nn
 
 from .distributed import unwrap_model
 
-__all__ = ["AdaLoraAttachment", "attach_adalora", "is_zero3_parameter", "zero_stage"]
-
-
-def is_zero3_parameter(param: Any) -> bool:
-    """Whether ZeRO-3 (or ``zero.Init``) partitioned this parameter (its data is empty outside a forward)."""
-    return hasattr(param, "ds_id")
-
-
-def zero_stage(engine: Any) -> int:
-    """The ZeRO stage of a DeepSpeed engine (0 when ZeRO is off)."""
-    return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
+__all__ = ["AdaLoraAttachment", "attach_adalora"]
 
 
 def _adalora_tuner(engine: nn.Module):
