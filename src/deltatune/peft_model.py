@@ -245,7 +245,9 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
         for p in self.parameters():
-            n = p.numel()
+            n = getattr(p, "ds_numel", p.numel())  # DeepSpeed ZeRO-3 leaves an empty tensor behind
+            if type(p).__name__ == "Params4bit":
+                n *= 2  # bitsandbytes packs two 4-bit values per byte
             total += n
             if p.requires_grad:
                 trainable += n

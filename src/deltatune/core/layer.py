@@ -50,11 +50,13 @@ class LayerSpec:
         if isinstance(module, nn.Linear):
             out_in = (module.out_features, module.in_features)
             return LayerSpec("linear", out_in[1], out_in[0], out_in, None if scheme is None else scheme.name)
+        # DeepSpeed ZeRO-3 (zero.Init) leaves an empty tensor in .weight and keeps its shape in ds_shape
+        shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
         if is_conv1d(module):
-            rows, cols = module.weight.shape  # Conv1D stores (in, out)
-            return LayerSpec("conv1d", rows, cols, tuple(module.weight.shape))
+            rows, cols = shape  # Conv1D stores (in, out)
+            return LayerSpec("conv1d", rows, cols, shape)
         if isinstance(module, nn.Conv2d):
-            return LayerSpec("conv2d", module.in_channels, module.out_channels, tuple(module.weight.shape))
+            return LayerSpec("conv2d", module.in_channels, module.out_channels, shape)
         raise TypeError(f"{type(module).__name__} is not a layer type deltatune adapts")
 
 

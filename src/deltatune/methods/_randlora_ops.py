@@ -191,11 +191,12 @@ def make_bases(
 
     low = default_basis_dtype() if dtype is None else dtype
     with torch.no_grad():
-        a = torch.empty((r, 1, d_min), dtype=low)
+        # .to(low), not dtype=low: deepspeed.zero.Init's torch.empty ignores the dtype argument
+        a = torch.empty((r, 1, d_min)).to(low)
         torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
         blocks = []
         for _ in range(nb):
-            blk = torch.empty((d_max, 1, r), dtype=low)
+            blk = torch.empty((d_max, 1, r)).to(low)
             torch.nn.init.kaiming_uniform_(blk, a=math.sqrt(5), generator=gen)
             blocks.append(blk)
         b = torch.cat(blocks, dim=1)
