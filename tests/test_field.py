@@ -19,7 +19,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
-from torchao.quantization import Int8WeightOnlyConfig, quantize_
+from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
 
 import deltatune as dt
 import deltatune.methods.fourierft as fourierft
@@ -141,8 +141,9 @@ def test_bf16_base_trains_like_fp32(case, path):
 def quantize(model: nn.Module, kind: str) -> nn.Module:
     """Replace the decoder's Linear layers by the back end's quantized layers (the lm_head stays)."""
     layers = model.model.layers
-    if kind == "torchao-int8":
-        quantize_(layers, Int8WeightOnlyConfig())
+    if kind.startswith("torchao"):
+        # int4: torchao's CPU int4 weight-only layout (Int4WeightOnlyConfig needs a CUDA kernel library)
+        quantize_(layers, Int8WeightOnlyConfig() if kind == "torchao-int8" else IntxWeightOnlyConfig(weight_dtype=torch.int4))
         return model
     for parent in list(layers.modules()):
         for name, child in list(parent.named_children()):
@@ -176,7 +177,7 @@ def dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
-QUANT = ["bnb-8bit", "bnb-4bit", "torchao-int8"]
+QUANT = ["bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4"]
 
 
 @pytest.mark.parametrize("case,path", PATHS, ids=IDS, indirect=["path"])
@@ -306,6 +307,7 @@ COLUMN_TESTS = {
     "autocast bf16": test_autocast_matches_fp32, "autocast fp16": test_autocast_matches_fp32,
     "checkpointing": test_gradient_checkpointing_matches_plain_backward, "bf16 base": test_bf16_base_trains_like_fp32,
     "bnb 8-bit": test_quantized_base, "bnb 4-bit": test_quantized_base, "torchao int8": test_quantized_base,
+    "torchao int4": test_quantized_base,
     "meta init": test_meta_creation_trains_on_meta_and_materialises_identically,
 }
 
@@ -325,7 +327,7 @@ def test_training_conditions_table_matches_the_tests():
     for name, row in rows.items():
         for column, cell in row.items():
             assert cell.startswith("✓"), f"{name} / {column}: {cell!r}"
-            assert ("merge refused" in cell) == (column in ("bnb 8-bit", "bnb 4-bit", "torchao int8")), (name, column)
+            assert ("merge refused" in cell) == (column in ("bnb 8-bit", "bnb 4-bit", "torchao int8", "torchao int4")), (name, column)
 
 
 def test_inference_cache_is_automatic_off_accelerators():
