@@ -16,7 +16,7 @@ import deltatune as dt
 from deltatune.core.registry import METHODS
 from test_distributed import free_port
 
-pytest.importorskip("accelerate")
+import accelerate  # noqa: E402,F401  (a pinned test dependency: imported, never skipped)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "accelerate_train.py")
