@@ -28,8 +28,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -x -q -p no:cacheprovider
 
+# CPU benchmarks side by side with PEFT (results in benchmarks/results/); a GPU: benchmarks/bench_cuda.py
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/bench_layers.py --method fourierft --quick
+	$(PY) benchmarks/bench_layers.py --method randlora --quick
+	$(PY) benchmarks/bench_bone.py
+	$(PY) benchmarks/bench_adalora.py
+	$(PY) benchmarks/bench_model.py
 
 clean:
 	rm -rf $(VENV) .peft018
