@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.precision import autocast_exempt
+from . import _device
 
 __all__ = [
     "DensePlan",
@@ -424,18 +425,23 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-# Tokens are processed in chunks so that each chunk's spectra stay cache sized (on 4096x4096 with
-# 2048 tokens: 2-3x faster than one pass); chunks are balanced (no one-token tail).
+# Tokens are processed in chunks. On the CPU each chunk's spectra stay cache sized (on 4096x4096
+# with 2048 tokens: 2-3x faster than one pass). On an accelerator (_device) a chunk is ~17 kernel
+# launches whatever its size, so chunks only bound the transient spectra (a few times the planar
+# spectrum, 256 MiB here): one chunk up to ~8k tokens at 4096 features, two or three at 11008.
+# Chunks are balanced (no one-token tail).
 _CHUNK_BYTES = 2 << 20
+_DEVICE_CHUNK_BYTES = 256 << 20
 _CHUNK_TOKENS_OVERRIDE: Optional[int] = None
 
 
-def _chunks(T: int, in_features: int, out_features: int, elem: int) -> list[tuple[int, int]]:
+def _chunks(T: int, in_features: int, out_features: int, elem: int, device: torch.device) -> list[tuple[int, int]]:
     if _CHUNK_TOKENS_OVERRIDE is not None:
         size = _CHUNK_TOKENS_OVERRIDE
     else:
         per_token = 4 * elem * (max(in_features, out_features) // 2 + 1)  # planar spectrum bytes
-        limit = max(32, _CHUNK_BYTES // per_token)
+        budget = _CHUNK_BYTES if _device.cache_sized(device) else _DEVICE_CHUNK_BYTES
+        limit = max(32, budget // per_token)
         size = -(-T // -(-T // limit))  # ceil(T / number of chunks)
     return [(t0, min(T, t0 + size)) for t0 in range(0, T, size)]
 
@@ -474,7 +480,7 @@ class _FourierLinearFn(torch.autograd.Function):
             return y.reshape(*lead, O)
 
         fmap = plan.map(spectrum.to(cdtype), scaling, "forward")
-        ctx.chunks = _chunks(T, I, O, torch.finfo(cdtype).bits // 8)
+        ctx.chunks = _chunks(T, I, O, torch.finfo(cdtype).bits // 8, x.device)
         rows = plan.used2.numel()
         kept = x2d.new_empty((rows * T,), dtype=cdtype) if ctx.needs_input_grad[1] else None
         y = torch.empty((T, O), dtype=x.dtype, device=x.device)

@@ -49,6 +49,14 @@ Two evaluation strategies are implemented:
 
 ``path="auto"`` picks the one with fewer multiply-adds (see :func:`choose_path`).
 
+Device policy (:mod:`._device`): on the CPU the slabs of ``Ut`` are sized for the cache
+(``chunk_elems``), the input is kept in the compute dtype and the materialised ``delta_W`` is kept
+for the backward, as described above. On an accelerator (and ``meta``) every product is one whole
+GEMM (``Ut`` built at once, no Python loop per basis, slab or token chunk: about 20 kernels per
+forward + backward), the input is kept in its own dtype (cast again in the backward: exact) and the
+materialised ``delta_W`` is rebuilt in the backward instead of kept, so the saved state is at most
+``x`` plus the ``T x P`` activation.
+
 Dtypes: the kernels compute in the dtype of the bases (``A.dtype``).  ``x``, ``lam`` and
 ``gamma`` are cast to it if needed (the bases never are), and the result is returned in that
 dtype (PEFT also adds the fp32 adapter output to the base output before casting back to the
@@ -66,6 +74,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..core.precision import autocast_exempt
+from . import _device
 
 __all__ = [
     "CHUNK_ELEMS",
@@ -88,6 +97,9 @@ _MAT_CHUNK_FACTOR = 4
 
 # Below this rank the elementwise passes of _grad_x_gamma cost more than the GEMM they save.
 _SHARED_GRAD_MIN_R = 32
+
+# The accelerator policy's slab budget: every slab is the whole basis (one GEMM per product).
+_WHOLE = 1 << 62
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +255,13 @@ def _layer_views(lam: Tensor, gamma: Tensor, A: Tensor, B: Tensor, in_features: 
 
 def _chunk(budget: Optional[int]) -> int:
     return CHUNK_ELEMS if budget is None else max(1, int(budget))
+
+
+def _budget(chunk_elems: Optional[int], device: torch.device) -> int:
+    """Slab size: the one asked for, else cache-sized on the CPU and whole elsewhere (_device)."""
+    if chunk_elems is None and not _device.cache_sized(device):
+        return _WHOLE
+    return _chunk(chunk_elems)
 
 
 def _col_width(rows: int, m: int, budget: int) -> int:
@@ -429,21 +448,25 @@ def _grads_from_g(
 class _RandLoraFactored(torch.autograd.Function):
     @staticmethod
     @autocast_exempt
-    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget):
+    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, lean):
+        # ``x`` comes in the compute dtype (CPU policy) or in its own dtype (``lean``: it is kept as
+        # it is and cast again in the backward, exact, rather than kept as a compute-dtype copy)
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
+        ctx.x_dtype = x.dtype
+        xc = x.to(a2.dtype)
         sl = (lam * scaling).reshape(-1)
         if in_is_min:
-            h0 = _mm_ut_t(x, a2, gamma, budget)  # x @ Ut.T
+            h0 = _mm_ut_t(xc, a2, gamma, budget)  # x @ Ut.T
             y = torch.mm(h0 * sl, v.t())
             keep_x = x if need_gamma else None
             keep_h = h0 if need_lam else None
         else:
-            h0 = torch.mm(x, v)  # x @ V
+            h0 = torch.mm(xc, v)  # x @ V
             y = _mm_ut(h0 * sl, a2, gamma, budget)
             keep_x = None
             keep_h = h0 if (need_lam or need_gamma) else None
         ctx.save_for_backward(keep_x, lam, gamma, a2, v, keep_h)
-        ctx.scaling, ctx.in_is_min, ctx.budget = scaling, in_is_min, budget
+        ctx.scaling, ctx.in_is_min, ctx.budget, ctx.lean = scaling, in_is_min, budget, lean
         return y
 
     @staticmethod
@@ -462,7 +485,9 @@ class _RandLoraFactored(torch.autograd.Function):
             if need_lam:
                 glam = (gh * h0).sum(dim=0).mul_(s).view(r, nb)
             gh.mul_(sl)  # d loss / d h0
-            if need_x and need_gamma and r >= _SHARED_GRAD_MIN_R:
+            if x is not None:
+                x = x.to(a2.dtype)
+            if need_x and need_gamma and r >= _SHARED_GRAD_MIN_R and not ctx.lean:
                 gx, ggamma = _grad_x_gamma(gh, x, a2, gamma, budget)
             else:
                 if need_x:
@@ -480,33 +505,43 @@ class _RandLoraFactored(torch.autograd.Function):
                 del gz
             if need_gamma:
                 ggamma = _grad_gamma(h0 * sl, gy, a2, nb, budget)
-        return gx, glam, ggamma, None, None, None, None, None
+        if gx is not None:
+            gx = gx.to(ctx.x_dtype)
+        return gx, glam, ggamma, None, None, None, None, None, None
 
 
 class _RandLoraMaterialized(torch.autograd.Function):
     @staticmethod
     @autocast_exempt
-    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, weight, bias):
+    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, lean, weight, bias):
+        # ``lean`` (accelerator policy): x kept in its own dtype and W + delta_W rebuilt in the
+        # backward (one P*M*m GEMM) instead of kept (a weight-sized compute-dtype matrix)
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
-        need_w = ctx.needs_input_grad[8]
+        need_w = ctx.needs_input_grad[9]
+        ctx.x_dtype = x.dtype
         dw = _build_delta(lam, gamma, a2, v, scaling, in_is_min, budget * _MAT_CHUNK_FACTOR, base=weight)
-        y = F.linear(x, dw, bias)
+        y = F.linear(x.to(a2.dtype), dw, bias)
         keep_x = x if (need_lam or need_gamma or need_w) else None
-        keep_dw = dw if need_x else None
-        ctx.save_for_backward(keep_x, keep_dw, lam, gamma, a2, v)
-        ctx.scaling, ctx.in_is_min, ctx.budget = scaling, in_is_min, budget
+        keep_dw = dw if need_x and not lean else None
+        ctx.save_for_backward(keep_x, keep_dw, lam, gamma, a2, v, weight if need_x and lean else None)
+        ctx.scaling, ctx.in_is_min, ctx.budget, ctx.lean = scaling, in_is_min, budget, lean
         return y
 
     @staticmethod
     @autocast_exempt
     @once_differentiable
     def backward(ctx, gy):
-        x, dw, lam, gamma, a2, v = ctx.saved_tensors
+        x, dw, lam, gamma, a2, v, weight = ctx.saved_tensors
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
-        need_w, need_b = ctx.needs_input_grad[8:10]
+        need_w, need_b = ctx.needs_input_grad[9:11]
         gx = glam = ggamma = gw = gb = None
+        if x is not None:
+            x = x.to(a2.dtype)
         if need_x:
-            gx = torch.mm(gy, dw)
+            if dw is None:  # lean: rebuilt, not kept
+                dw = _build_delta(lam, gamma, a2, v, ctx.scaling, ctx.in_is_min, ctx.budget * _MAT_CHUNK_FACTOR, base=weight)
+            gx = torch.mm(gy, dw).to(ctx.x_dtype)
+            del dw
         gw_full = torch.mm(gy.t(), x) if need_w else None  # (out x in)
         if need_lam or need_gamma:
             T, (M, P), m = gy.shape[0], v.shape, a2.shape[1]
@@ -528,7 +563,7 @@ class _RandLoraMaterialized(torch.autograd.Function):
             gw = gw_full
         if need_b:
             gb = gy.sum(dim=0)
-        return gx, glam, ggamma, None, None, None, None, None, gw, gb
+        return gx, glam, ggamma, None, None, None, None, None, None, gw, gb
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,8 +579,12 @@ def choose_path(
     *,
     requires_grad: bool = True,
     fused_base: bool = False,
+    rebuild: bool = False,
 ) -> str:
     """``"factored"`` or ``"materialized"``, whichever needs fewer multiply-adds.
+
+    ``rebuild``: the materialised path builds ``W + delta_W`` again in the backward (the
+    accelerator policy, which does not keep it): ``P*M*m`` more when the input gradient is wanted.
 
     Training (forward + backward), ``P = r * ceil(m / r)``:
       factored ``T*P*(2M + 3m)``; materialised ``P*M*m + k*T*M*m + min(T*P*(M+m), T*M*m + P*M*m)``
@@ -562,6 +601,7 @@ def choose_path(
     if requires_grad:
         fac = T * P * (2 * M + 3 * m)
         mat = P * M * m + (0 if fused_base else 2) * T * M * m + min(T * P * (M + m), T * M * m + P * M * m)
+        mat += P * M * m if rebuild else 0
     else:
         fac = T * P * (M + m)
         mat = P * M * m + (0 if fused_base else 1) * T * M * m
@@ -594,7 +634,7 @@ def randlora_delta_weight(
             v,
             float(scaling),
             m == in_features,
-            _chunk(chunk_elems) * _MAT_CHUNK_FACTOR,
+            _budget(chunk_elems, A.device) * _MAT_CHUNK_FACTOR,
         )
 
 
@@ -635,7 +675,7 @@ def randlora_linear(
       ``no_grad``); then the output is ``x @ delta_weight.T`` (plus base).
     * ``path``: ``"auto"`` (:func:`choose_path`), ``"factored"`` or ``"materialized"``.
     * ``chunk_elems``: scratch slab size (elements) for the scaled basis; default
-      :data:`CHUNK_ELEMS`.
+      :data:`CHUNK_ELEMS` on the CPU, the whole basis on other devices (module docstring).
 
     The result is in the bases' dtype (with a base of another dtype, in the promoted dtype).
     """
@@ -645,12 +685,14 @@ def randlora_linear(
         raise ValueError(f"x has {x.shape[-1]} features, expected in_features={in_features}")
     a2, v, r, nb, m, M = _layer_views(lam, gamma, A, B, in_features, out_features)
     cdt = A.dtype
-    budget = _chunk(chunk_elems)
+    lean = not _device.cache_sized(x.device)
+    budget = _budget(chunk_elems, x.device)
     scaling = float(scaling)
     in_is_min = m == in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    xc = x2 if x2.dtype == cdt else x2.to(cdt)
+    # the kernels cast x themselves; the CPU policy hands them (and keeps) the compute-dtype copy
+    xc = x2 if x2.dtype == cdt or lean else x2.to(cdt)
     lam_c = lam if lam.dtype == cdt else lam.to(cdt)
     gamma_c = gamma if gamma.dtype == cdt else gamma.to(cdt)
 
@@ -683,20 +725,20 @@ def randlora_linear(
 
     if path == "auto":
         path = choose_path(
-            xc.shape[0], in_features, out_features, r, requires_grad=needs_grad, fused_base=fusable
+            xc.shape[0], in_features, out_features, r, requires_grad=needs_grad, fused_base=fusable, rebuild=lean
         )
 
     if path == "materialized":
         if fusable:
             y = _RandLoraMaterialized.apply(
-                xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, base_weight, base_bias
+                xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, base_weight, base_bias
             )
         else:
-            y = _RandLoraMaterialized.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, None, None)
+            y = _RandLoraMaterialized.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, None, None)
             if has_base:
                 y = _base_out() + y
     else:
-        y = _RandLoraFactored.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget)
+        y = _RandLoraFactored.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean)
         if has_base:
             base = _base_out()
             # F.linear's backward does not need its output, so accumulating in place is safe.

@@ -45,6 +45,7 @@ from ..core.layer import AdapterLayer, Delta, LayerSpec
 from ..core.registry import register_method
 from ..core.tuner import AdapterModel
 from ..io.state_dict import MODEL_PREFIX
+from . import _device
 from ._adalora_alloc import RankAllocator
 from ._adalora_alloc import orthogonal_regularization as _orth_reg
 
@@ -259,9 +260,12 @@ class SVDDelta(Delta):
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)  # (out, in[·kh·kw])
 
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.lora_dropout(x.to(self.lora_A.dtype))
         # the scale rides on the (r, in) factor: no extra pass over the (tokens, out) output
         a = self.lora_A * (self.lora_E * self._scale())  # (r, in)
+        if self.conv is None and isinstance(self.lora_dropout, nn.Identity) and not _device.cache_sized(x.device):
+            # accelerators: the backward keeps x as it came (bf16), not an fp32 copy (methods/_device.py)
+            return F.linear(_device.upcast_linear(x, a), self.lora_B)
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
         if self.conv is None:
             return F.linear(F.linear(x, a), self.lora_B)  # (..., r) -> (..., out)
         weight = (self.lora_B @ a).reshape(self.spec.weight_shape)  # (out, in/groups, kh, kw)

@@ -27,6 +27,7 @@ from ..core.layer import Delta, LayerSpec
 from ..core.precision import autocast_exempt
 from ..core.registry import register_method
 from ..core.tuner import AdapterModel
+from . import _device
 
 
 @dataclass
@@ -148,10 +149,14 @@ def _row_chunks(ni: int, r: int, in_features: int, elements: int = 1 << 21) -> l
 class _BatLinear(torch.autograd.Function):
     """y = x·W'ᵀ + bias with W' = W(I+B) + tile(B), streamed over row-block chunks of W.
 
-    W(I+B) is built chunk by chunk (8 MiB each) and consumed at once. When grad_x is wanted the
-    chunks are saved for the backward (they are what it multiplies gy with; rebuilding them costs a
-    quarter GEMM at r/T = 64/256, and separate chunks, unlike one weight-sized tensor, reuse freed
-    heap memory instead of page-faulting fresh pages every step); otherwise one buffer is reused.
+    On the CPU (``_device.cache_sized``) W(I+B) is built chunk by chunk (8 MiB each) and consumed
+    at once. When grad_x is wanted the chunks are saved for the backward (they are what it
+    multiplies gy with; rebuilding them costs a quarter GEMM at r/T = 64/256, and separate chunks,
+    unlike one weight-sized tensor, reuse freed heap memory instead of page-faulting fresh pages
+    every step); otherwise one buffer is reused. On an accelerator W(I+B) is one batched GEMM,
+    never kept: the backward builds it again (a weight-sized fp32 matrix per layer held from
+    forward to backward would outweigh the activations, 64 MiB for 4096², against a 2 MiB input at
+    256 tokens), so only x (in its own dtype) and fold(x) are saved.
     The tiled B_i term never becomes a matrix: x·tile(B)ᵀ = fold(x)·B_iᵀ. Gradients, with
     G = gyᵀx taken chunk by chunk:
         grad_x = gy·W(I+B) + tile(Σ_i gy_i B_i)
@@ -169,9 +174,12 @@ class _BatLinear(torch.autograd.Function):
         folded = _fold(x2, r)  # (T, r)
         tiled = block.reshape(-1, r).T  # (r, out): x·tile(B)ᵀ = fold(x)·B_iᵀ
         y = folded @ tiled if bias is None else torch.addmm(bias.to(dtype), folded, tiled)  # (T, out)
-        keep = ctx.needs_input_grad[0]  # grad_x needs W(I+B) again: keep its chunks rather than rebuild them
+        lean = not _device.cache_sized(x.device)
+        chunks = [(0, ni)] if lean else _row_chunks(ni, r, weight.shape[1])
+        # grad_x needs W(I+B) again: the CPU keeps its chunks rather than rebuild them
+        keep = ctx.needs_input_grad[0] and not lean
         cores, buf = [], None
-        for a, b in _row_chunks(ni, r, weight.shape[1]):
+        for a, b in chunks:
             core = torch.bmm(wv[a:b], scale[a:b], out=None if buf is None else buf[: b - a])
             if keep:
                 cores.append(core)
@@ -179,7 +187,7 @@ class _BatLinear(torch.autograd.Function):
                 buf = core
             y[:, a * r : b * r].addmm_(x2, core.view((b - a) * r, -1).T)  # + x·W(I+B)ᵀ for these rows
         ctx.save_for_backward(x, weight, block, folded, *cores)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.chunks = bias is not None, chunks
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -196,11 +204,14 @@ class _BatLinear(torch.autograd.Function):
         gx = x2.new_empty(x2.shape) if want_x else None
         gb = torch.empty_like(block) if want_b else None
         buf = None
-        for k, (a, b) in enumerate(_row_chunks(ni, r, weight.shape[1])):
+        scale = None if cores or not want_x else block + torch.eye(r, dtype=dtype, device=block.device)
+        for k, (a, b) in enumerate(ctx.chunks):
             rows = slice(a * r, b * r)
             if want_x:
+                core = cores[k] if cores else torch.bmm(wv[a:b], scale[a:b])  # kept, or rebuilt
                 # gy_c · W(I+B)_c, the first chunk written (no zero fill), the others accumulated
-                torch.addmm(gx, gy_t[rows].T, cores[k].view((b - a) * r, -1), beta=0.0 if a == 0 else 1.0, out=gx)
+                torch.addmm(gx, gy_t[rows].T, core.view((b - a) * r, -1), beta=0.0 if a == 0 else 1.0, out=gx)
+                del core
             if want_b:
                 g = torch.mm(gy_t[rows], x2, out=None if buf is None else buf[: b - a].view((b - a) * r, -1))
                 buf = g.view(b - a, -1, r) if buf is None else buf
