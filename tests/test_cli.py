@@ -123,7 +123,8 @@ def test_train_every_method_saves_a_loadable_adapter(method, tiny, trained):
         return
     saved = json.loads((folder / "adapter_config.json").read_text())
     spec = options.resolve_method(method)
-    assert saved["peft_type"] == spec.peft_type and saved["task_type"] == "SEQ_CLS"
+    written = {"BONE": "MISS"}.get(spec.peft_type, spec.peft_type)  # Bone is written in today's PEFT format, MiSS
+    assert saved["peft_type"] == written and saved["task_type"] == "SEQ_CLS"
     for key, value in spec.implied.items():
         assert saved[key] == value
     model = dt.PeftModel.from_pretrained(load_base(tiny), folder)
@@ -192,7 +193,7 @@ for folder in adapters:
 
 
 def test_trained_adapters_load_in_peft_with_the_same_outputs(tiny, trained, tmp_path):
-    """Every method's CLI adapter loads in the real PEFT (Bone/BAT: 0.18.1, the last with Bone)."""
+    """Every method's CLI adapter loads in the real PEFT (0.21.2; 0.18.1 for an adapter in the Bone format)."""
     from safetensors.torch import load_file, save_file
 
     inputs = tiny_inputs(tiny)
@@ -201,7 +202,8 @@ def test_trained_adapters_load_in_peft_with_the_same_outputs(tiny, trained, tmp_
     for method in ADAPTERS:
         code, _, folder = trained(method)
         assert code == 0
-        version = "0.18.1" if options.resolve_method(method).peft_type == "BONE" else "0.21.2"
+        saved_type = json.loads((Path(trained(method)[2]) / "adapter_config.json").read_text())["peft_type"]
+        version = "0.18.1" if saved_type == "BONE" else "0.21.2"
         groups.setdefault(version, []).append(method)
     procs = {}
     for version, methods in groups.items():  # one PEFT process per version, running side by side
@@ -250,7 +252,7 @@ def test_demo_adapter_loads_in_peft_with_the_same_outputs(tmp_path, capsys):
     assert "accuracy before training" in stdout and "head-only baseline" in stdout
     saved = json.loads((out / "adapter_config.json").read_text())
     spec = options.resolve_method(saved["peft_type"])
-    version = "0.18.1" if spec.peft_type == "BONE" else "0.21.2"
+    version = "0.18.1" if saved["peft_type"] == "BONE" else "0.21.2"
     base, tokenizer = load_classifier(None, 2)
     inputs = dict(tokenizer(["a superb, moving film", "dull and far too long", "it is a film"], padding=True,
                             return_tensors="pt"))

@@ -188,3 +188,30 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path):
 def test_config_dataclasses_replace():
     config = dt.MissConfig(r=4)
     assert dataclasses.replace(config, r=8).r == 8
+
+
+@pytest.mark.parametrize("method,width,other_width", [("fourierft", 12, 14), ("randlora", 20, 24)])
+def test_adapter_for_other_layer_shapes_is_refused(method, width, other_width, tmp_path):
+    import torch.nn as nn
+
+    def mlp(width: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(width, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def config():
+        if method == "fourierft":
+            return dt.FourierFTConfig(n_frequency=6, target_modules=["0"])
+        return dt.RandLoraConfig(r=4, target_modules=["0"], save_projection=False)
+
+    model = dt.get_peft_model(mlp(width), config())
+    randomize_adapters(model, seed=3)
+    model.save_pretrained(tmp_path)
+    # same tensor shapes, other layer shape: the file alone cannot tell
+    other = dt.get_peft_model(mlp(other_width), config())
+    assert {k: v.shape for k, v in dt.get_peft_model_state_dict(other).items()} == {
+        k: v.shape for k, v in dt.get_peft_model_state_dict(model).items()}
+    with pytest.raises(dt.CheckpointError, match=rf"base_model.model.0: made for \(16, {width}\), this model's is \(16, {other_width}\)"):
+        dt.PeftModel.from_pretrained(mlp(other_width), tmp_path)
+    loaded = dt.PeftModel.from_pretrained(mlp(width), tmp_path)  # the right shapes load
+    x = torch.randn(3, width)
+    torch.testing.assert_close(loaded(x), model.eval()(x))

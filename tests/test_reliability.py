@@ -42,6 +42,8 @@ def _saved(folder, config=None, seed=1, **save_kw):
     base, inputs = build("mlp")
     model = dt.get_peft_model(base, config or _bone())
     randomize_adapters(model, seed=seed)
+    if config is None or isinstance(config, dt.BoneConfig):  # the Bone format these tests name (default: MiSS)
+        save_kw.setdefault("peft_format", "BONE")
     model.save_pretrained(folder, **save_kw)
     return model, inputs
 
@@ -319,6 +321,7 @@ def test_saved_pair_is_plain_peft_format_and_world_readable(tmp_path):
     import hashlib
 
     digest = hashlib.sha256((tmp_path / "adapter_config.json").read_bytes()).hexdigest()
+    assert meta.pop("deltatune_layer_shapes") == '{"base_model.model.lin0": [20, 10], "base_model.model.lin1": [8, 20]}'
     assert meta == {"format": "pt", "deltatune_config_sha256": digest}
     umask = os.umask(0)
     os.umask(umask)
@@ -430,7 +433,7 @@ BAD_INPUTS = [
     ("bias-unknown", _edit_config(bias="weird"), NotImplementedError, "Requested bias: weird, is not implemented."),
     ("task-type-unknown", _edit_config(task_type="NOPE"), ValueError, "Invalid task type: 'NOPE'"),
     ("init-weights-unknown", _edit_config(init_weights="mini"), ValueError, "init_weights must be True, False or 'bat'"),
-    ("miss-mini", _edit_config(peft_type="MISS", init_weights="mini", mini_r=2), ValueError, "init_weights='mini'.*no Bone equivalent"),
+    ("miss-mini", _edit_config(peft_type="MISS", init_weights="mini", mini_r=2), ValueError, r"shape mismatch for base_model.model.lin0.miss_block: checkpoint \(2, 20\), model \(2, 2\)|init_weights='mini' cannot be added to a Bone model"),
     ("bat-not-divisible", _edit_config(init_weights="bat", r=3), ValueError, "must be fully divisible into \\[r, r\\] blocks. Module 'lin0'"),
     ("target-not-found", _edit_config(target_modules=["q_proj"]), ValueError, "Target modules .*q_proj.* not found in the base model"),
     ("target-unsupported-layer", _edit_config(target_modules=["lin0", "relu"]), dt.UnsupportedModuleError, "Target module 'relu' \\(ReLU\\) is not supported"),
@@ -584,7 +587,7 @@ def test_peft_reads_our_checkpoints_without_warnings(tmp_path):
     for peft_type, method in METHODS.items():
         if peft_type in configs or not _peft_knows(peft_type):
             continue
-        small = {"FOURIERFT": {"n_frequency": 16}, "RANDLORA": {"r": 4}}.get(peft_type, {})
+        small = {"FOURIERFT": {"n_frequency": 16}, "RANDLORA": {"r": 4}, "MISS": {"r": 4}}.get(peft_type, {})
         configs[peft_type] = lambda cls=method.config_cls, kw=small: cls(target_modules=["lin0"], **kw)
     assert "ADALORA" in configs
     for peft_type, make in configs.items():
@@ -596,7 +599,7 @@ def test_peft_reads_our_checkpoints_without_warnings(tmp_path):
         peft.PeftModel.from_pretrained(build("mlp")[0], folder)  # outputs: see each method's parity tests
 
 
-def test_legacy_miss_checkpoints_load_as_bone(tmp_path):
+def test_miss_checkpoints_load_as_miss(tmp_path):
     """PEFT >= 0.19 writes Bone as MiSS: peft_type MISS, keys ``miss_block``, extra fields."""
     model, inputs = _saved(tmp_path, _bone(r=2, init_weights="bat"))
     expected = out_of(model, inputs)
@@ -604,15 +607,14 @@ def test_legacy_miss_checkpoints_load_as_bone(tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     _edit_config(peft_type="MISS", mini_r=1, miss_dropout=0.0, peft_version="0.21.2")(tmp_path)  # no digest: PEFT's
     loaded, messages = _caught(lambda: dt.PeftModel.from_pretrained(build("mlp")[0], tmp_path))
-    assert loaded.peft_config["default"].peft_type == "BONE" and not messages
+    assert loaded.peft_config["default"].peft_type == "MISS" and not messages
     torch.testing.assert_close(out_of(loaded, inputs), expected)
     # MiSS keys under a BONE config (a renamed file) load too
     _edit_config(peft_type="BONE", mini_r=_DROP, miss_dropout=_DROP)(tmp_path)
     torch.testing.assert_close(out_of(dt.PeftModel.from_pretrained(build("mlp")[0], tmp_path), inputs), expected)
-    # a MiSS dropout is dropped with a warning (eval outputs do not change)
+    # MiSS dropout is kept (MiSS is its own method here): eval outputs do not change
     _edit_config(peft_type="MISS", miss_dropout=0.1)(tmp_path)
-    with pytest.warns(UserWarning, match="miss_dropout=0.1 is dropped"):
-        loaded = dt.PeftModel.from_pretrained(build("mlp")[0], tmp_path)
+    loaded = dt.PeftModel.from_pretrained(build("mlp")[0], tmp_path)
     torch.testing.assert_close(out_of(loaded, inputs), expected)
 
 

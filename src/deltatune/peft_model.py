@@ -31,8 +31,8 @@ from .io.files import (
     weights_metadata,
     write_model_card,
 )
-from .io.formats import SAVED_FROM_KEY, export_checkpoint, saved_from
-from .io.state_dict import get_peft_model_state_dict, load_adapter_state
+from .io.formats import as_method, export_checkpoint
+from .io.state_dict import LAYER_SHAPES_KEY, check_layer_shapes, get_peft_model_state_dict, layer_shapes, load_adapter_state
 
 SEQ_CLS_HEADS = ["classifier", "score"]
 
@@ -49,13 +49,8 @@ def _json_ready(value: Any) -> Any:
 
 
 def _read_config(files: CheckpointFiles) -> TunerConfig:
-    """The config of a checkpoint pair; an adapter this library wrote in another method's format
-    (Bone as MiSS) comes back as it was."""
-    config = PeftConfig.from_config_file(files.config)
-    metadata = weights_metadata(files.weights)
-    if metadata.get(SAVED_FROM_KEY, config.peft_type) != config.peft_type:
-        config = PeftConfig.from_peft_type(**saved_from(config.to_dict(), metadata))
-    return config
+    """The config of a checkpoint pair (a Bone adapter saved in the default format reads back as MiSS)."""
+    return PeftConfig.from_config_file(files.config)
 
 
 class _ModelState:
@@ -296,9 +291,8 @@ class PeftModel(nn.Module):
             folder = root if name == "default" else ensure_dir(root / name)
             tensors = get_peft_model_state_dict(self.base_model, adapter_name=name)
             data = {k: _json_ready(v) for k, v in self.base_model.config_for_save(name).items()}
-            written, tensors = export_checkpoint(data, tensors, peft_format)
-            metadata = {} if written["peft_type"] == data["peft_type"] else {SAVED_FROM_KEY: str(data["peft_type"])}
-            data = written
+            data, tensors = export_checkpoint(data, tensors, peft_format)
+            metadata = {LAYER_SHAPES_KEY: json.dumps(layer_shapes(self.base_model, name), sort_keys=True)}
             data["inference_mode"] = True
             base = self.get_base_model()
             if data.get("base_model_name_or_path") is None:
@@ -343,6 +337,8 @@ class PeftModel(nn.Module):
         if files.weights is None:
             raise FileNotFoundError(f"No adapter_model.safetensors or adapter_model.bin found in {files.folder}")
         tensors = load_weights_file(files.weights, device=device or "cpu")
+        recorded = weights_metadata(files.weights).get(LAYER_SHAPES_KEY)
+        check_layer_shapes(self.base_model, adapter_name, recorded, files.weights)
         load_adapter_state(self.base_model, tensors, adapter_name, assign=assign)
 
     def load_adapter(
@@ -358,6 +354,10 @@ class PeftModel(nn.Module):
         folder = resolve_local_dir(model_id, kwargs.pop("subfolder", None))
         files = checkpoint_files(folder)
         config = _read_config(files)
+        if self.peft_config and config.peft_type != self.peft_type:  # Bone and MiSS are one method
+            converted = as_method(config.to_dict(), self.peft_type)
+            if converted["peft_type"] != config.peft_type:
+                config = PeftConfig.from_peft_type(**converted)
         config.inference_mode = not is_trainable
         known = set(self.peft_config)
         before = _ModelState(self.base_model.model)

@@ -18,17 +18,45 @@ import torch
 
 # the format a method's adapters are written in unless the caller asks for another
 DEFAULT_FORMAT = {"BONE": "MISS"}
-# safetensors metadata key: the peft_type the adapter had here when it was written in another
-# format, so that it loads back as itself (PEFT ignores the key)
-SAVED_FROM_KEY = "deltatune_peft_type"
 
 _BLOCK = {"BONE": "bone_block", "MISS": "miss_block"}
 _MISS_ONLY_FIELDS = {"miss_dropout": 0.0, "mini_r": 1}  # MissConfig's fields Bone lacks, with PEFT's defaults
 
 
-def _rename_block(tensors: dict[str, torch.Tensor], source: str, target: str) -> dict[str, torch.Tensor]:
-    old, new = "." + _BLOCK[source], "." + _BLOCK[target]
+def _rename_block(tensors: dict[str, torch.Tensor], target: str) -> dict[str, torch.Tensor]:
+    new = "." + _BLOCK[target]
+    old = "." + _BLOCK["BONE" if target == "MISS" else "MISS"]
     return {(k[: -len(old)] + new if k.endswith(old) else k): v for k, v in tensors.items()}
+
+
+def default_tensor_format(tensors: dict[str, torch.Tensor], peft_type: Any) -> dict[str, torch.Tensor]:
+    """An adapter's state dict under the tensor names of its default checkpoint format (a Bone
+    adapter's ``bone_block`` as ``miss_block``), so that a state dict equals what is saved."""
+    source = str(getattr(peft_type, "value", peft_type))
+    target = DEFAULT_FORMAT.get(source, source)
+    return tensors if target == source else _rename_block(tensors, target)
+
+
+def native_tensor_names(tensors: dict[str, torch.Tensor], peft_type: Any) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under the names a ``peft_type`` adapter holds them in memory (a Bone
+    adapter reading a MiSS file: ``miss_block`` as ``bone_block``, and the reverse)."""
+    target = str(getattr(peft_type, "value", peft_type))
+    return _rename_block(tensors, target) if target in _BLOCK else tensors
+
+
+def as_method(config: dict[str, Any], peft_type: Any) -> dict[str, Any]:
+    """A config dict of one of Bone/MiSS as the other (for loading a file of either into a model
+    of the other); other configs are returned as they are."""
+    source = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
+    target = str(getattr(peft_type, "value", peft_type))
+    if source == target or {source, target} != {"BONE", "MISS"}:
+        return config
+    if target == "BONE" and config.get("init_weights") == "mini":
+        raise ValueError(
+            "A MiSS adapter with init_weights='mini' cannot be added to a Bone model (Bone has no 'mini' variant); "
+            "load it into a MiSS model"
+        )
+    return export_checkpoint(config, {}, target)[0]
 
 
 def export_checkpoint(
@@ -39,7 +67,7 @@ def export_checkpoint(
     source = str(getattr(config["peft_type"], "value", config["peft_type"]))
     target = str(getattr(peft_format, "value", peft_format)).upper() if peft_format is not None else DEFAULT_FORMAT.get(source, source)
     if target == source:
-        return config, tensors
+        return config, (_rename_block(tensors, target) if target in _BLOCK else tensors)
     if {source, target} != {"BONE", "MISS"}:
         raise ValueError(
             f"peft_format={peft_format!r} cannot be written for a {source} adapter: only Bone and MiSS adapters "
@@ -63,16 +91,5 @@ def export_checkpoint(
         for key in _MISS_ONLY_FIELDS:
             config.pop(key, None)
     config["peft_type"] = target
-    return config, _rename_block(tensors, source, target)
+    return config, _rename_block(tensors, target)
 
-
-def saved_from(config: dict[str, Any], metadata: dict[str, str]) -> dict[str, Any]:
-    """The config dict of a checkpoint as this library wrote it: a Bone adapter written as MiSS
-    (metadata :data:`SAVED_FROM_KEY`) reads back as Bone; any other config is returned as is."""
-    original = metadata.get(SAVED_FROM_KEY)
-    current = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
-    if not original or original == current or {original, current} != {"BONE", "MISS"}:
-        return config
-    if original == "BONE" and (config.get("init_weights") == "mini" or config.get("miss_dropout")):
-        return config  # edited into a MiSS-only adapter since: keep it MiSS
-    return export_checkpoint(config, {}, original)[0]

@@ -10,6 +10,7 @@ checkpoint leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 from ..core.layer import AdapterLayer
 from ..core.modules_to_save import ModulesToSaveWrapper
 from .files import CheckpointError
+from .formats import default_tensor_format, native_tensor_names
 
 if TYPE_CHECKING:
     from ..core.tuner import AdapterModel
@@ -142,7 +144,8 @@ def get_peft_model_state_dict(
             if name is None or name not in state_dict:
                 raise KeyError(f"get_peft_model_state_dict: the state_dict passed has no {name or key!r} (for {key})")
             state[key] = state_dict[name]
-    return _rebase(tuner.prepare_state_dict_for_save(state, adapter_name), prefix)
+    state = tuner.prepare_state_dict_for_save(state, adapter_name)
+    return _rebase(default_tensor_format(state, tuner.peft_config[adapter_name].peft_type), prefix)
 
 
 def _memory_names(model: nn.Module) -> dict[tuple[int, str], str]:
@@ -188,7 +191,8 @@ def load_adapter_state(
 ) -> tuple[list[str], list[str]]:
     """Load a PEFT-format adapter state dict into ``adapter_name``; all-or-nothing. ``strict``: a
     missing or unexpected key is an error (checkpoint files); otherwise they are returned."""
-    state_dict = tuner.prepare_state_dict_for_load(dict(state_dict), adapter_name)
+    state_dict = native_tensor_names(dict(state_dict), tuner.peft_config[adapter_name].peft_type)
+    state_dict = tuner.prepare_state_dict_for_load(state_dict, adapter_name)
     slots = adapter_slots(tuner, adapter_name)
     unexpected = sorted(set(state_dict) - set(slots))
     missing = sorted(set(slots) - set(state_dict))
@@ -257,6 +261,44 @@ def load_adapter_state(
             else:
                 current.copy_(value.to(current.dtype))
     return missing, unexpected
+
+
+# safetensors metadata key: JSON {layer path: weight shape} of the layers an adapter was made for.
+# FourierFT's coefficients and RandLoRA's lambda/gamma (without saved bases) do not determine the
+# layer's shape, so without this record a file would load silently into layers of another shape.
+LAYER_SHAPES_KEY = "deltatune_layer_shapes"
+
+
+def layer_shapes(tuner: "AdapterModel", adapter_name: str) -> dict[str, list[int]]:
+    """``{checkpoint path of each adapted layer: its weight shape}`` for ``adapter_name``."""
+    return {
+        f"{MODEL_PREFIX}{path}": list(module.spec.weight_shape)
+        for path, module in tuner.model.named_modules()
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters
+    }
+
+
+def check_layer_shapes(tuner: "AdapterModel", adapter_name: str, recorded: Optional[str], source: str) -> None:
+    """Refuse a checkpoint whose recorded layer shapes (metadata, absent in PEFT's files) differ
+    from the layers it is being loaded into."""
+    if not recorded:
+        return
+    try:
+        saved = json.loads(recorded)
+    except ValueError:
+        return  # not ours to judge: the tensors are still checked key by key
+    if not isinstance(saved, dict):
+        return
+    here = layer_shapes(tuner, adapter_name)
+    wrong = [
+        f"{path}: made for {tuple(saved[path])}, this model's is {tuple(shape)}"
+        for path, shape in here.items() if path in saved and list(saved[path]) != shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"Cannot load adapter '{adapter_name}' from {source}: it was made for layers of other shapes "
+            f"({_show(wrong)}); its tensors would load but mean nothing here (another base model?)"
+        )
 
 
 def _kind(t: torch.Tensor) -> str:
