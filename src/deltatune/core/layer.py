@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .precision import autocast_dtype, no_autocast, check_base_layer, quant_scheme
+from .precision import QuantScheme, autocast_dtype, check_base_layer, no_autocast, quant_scheme
 from .targeting import is_conv1d
 
 BASE_NAME = "__base__"  # per-sample adapter name meaning "no adapter" in mixed batches
@@ -51,12 +51,12 @@ class LayerSpec:
             out_in = (module.out_features, module.in_features)
             return LayerSpec("linear", out_in[1], out_in[0], out_in, None if scheme is None else scheme.name)
         # DeepSpeed ZeRO-3 (zero.Init) leaves an empty tensor in .weight and keeps its shape in ds_shape
-        shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+        shape = lambda: tuple(getattr(module.weight, "ds_shape", module.weight.shape))  # noqa: E731
         if is_conv1d(module):
-            rows, cols = shape  # Conv1D stores (in, out)
-            return LayerSpec("conv1d", rows, cols, shape)
+            rows, cols = shape()  # Conv1D stores (in, out)
+            return LayerSpec("conv1d", rows, cols, shape())
         if isinstance(module, nn.Conv2d):
-            return LayerSpec("conv2d", module.in_channels, module.out_channels, shape)
+            return LayerSpec("conv2d", module.in_channels, module.out_channels, shape())
         raise TypeError(f"{type(module).__name__} is not a layer type deltatune adapts")
 
 
@@ -353,9 +353,8 @@ class AdapterLayer(Switchable, nn.Module):
     def _weight_oi(self) -> torch.Tensor:
         """The base weight as (out, in) (a view; Conv2d flattened to (out, in·kh·kw); a quantized
         weight dequantized, a fresh tensor)."""
-        if self.spec.quantized:
-            scheme = quant_scheme(self.base_layer)
-            assert scheme is not None, self.spec.quantized
+        scheme = self._quant_scheme()
+        if scheme is not None:
             return scheme.dequantize(self.base_layer).reshape(self.spec.weight_shape)
         w = self.base_layer.weight
         if self.spec.kind == "conv1d":
@@ -394,15 +393,17 @@ class AdapterLayer(Switchable, nn.Module):
         core = delta.inverse(core) if invert else delta.transform(core)
         return (core if added is None else core + added).float()
 
+    def _quant_scheme(self) -> Optional[QuantScheme]:
+        return quant_scheme(self.base_layer) if self.spec.quantized else None
+
     def check_mergeable(self, action: str) -> None:
-        """ValueError where writing into the base weight cannot be done exactly."""
-        if self.spec.quantized:
-            # re-quantizing W + ΔW moves every weight by up to a quantization step, more than most
-            # adapters change it: refuse rather than write a silently different model
+        """ValueError where the base weight cannot be written."""
+        scheme = self._quant_scheme()
+        if scheme is not None and scheme.requantize is None:
             raise ValueError(
                 f"Cannot {action} adapters into this {type(self.base_layer).__name__}: its weight is quantized "
-                f"({self.spec.quantized}). Load the base model unquantized (fp32/bf16), load the adapter there and "
-                "merge, or keep the adapter unmerged."
+                f"({self.spec.quantized}), which deltatune cannot re-quantize. Load the base model unquantized "
+                "(fp32/bf16), load the adapter there and merge, or keep the adapter unmerged."
             )
         # a sharded weight would need a collective gather and scatter per layer; refuse it clearly
         # instead of failing deep inside DTensor (or silently working for some methods only)
@@ -415,6 +416,15 @@ class AdapterLayer(Switchable, nn.Module):
             )
 
     def _write_weight(self, new_oi: torch.Tensor) -> None:
+        scheme = self._quant_scheme()
+        if scheme is not None:
+            # dequantize (in _weight_oi), compose, re-quantize: W + ΔW is rounded to the back end's grid
+            warnings.warn(
+                f"Merging into a quantized layer ({self.spec.quantized}) re-quantizes its weight: outputs move by "
+                "up to the quantization noise, and unmerging does not give the original weight back bit for bit."
+            )
+            scheme.requantize(self.base_layer, new_oi.reshape(self.spec.weight_shape))
+            return
         w = self.base_layer.weight
         new = new_oi.T if self.spec.kind == "conv1d" else new_oi.reshape(w.shape)
         with torch.no_grad():

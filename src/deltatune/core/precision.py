@@ -21,6 +21,7 @@ modules (a bitsandbytes layer cannot exist unless bitsandbytes was imported).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import sys
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ class QuantScheme:
     name: str
     matches: Callable[[nn.Module], bool]
     dequantize: Callable[[nn.Module], torch.Tensor]  # -> (out, in) float weight, detached
+    # writes an (out, in) float weight back in the layer's quantized form (merging); None: refused
+    requantize: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
 
 
 def _is_bnb(module: nn.Module, cls: str) -> bool:
@@ -105,9 +108,34 @@ def _bnb_4bit(module: nn.Module) -> torch.Tensor:
 
     data = w.data
     if getattr(state, "packing_format_for_cpu", False):
-        # the layer's CPU inference forward repacked its weight; undo that on a copy
-        data, state = bnbF._convert_weight_packed_for_cpu_inverse(data, state)
+        # the layer's CPU inference forward repacked its weight (and rounded its scales); undo the
+        # layout on copies: bitsandbytes' inverse rewrites the state it is given
+        data, state = bnbF._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
     return bnbF.dequantize_4bit(data, state)
+
+
+def _bnb_int8_write(module: nn.Module, weight: torch.Tensor) -> None:
+    import bitsandbytes as bnb
+
+    device = module.weight.device
+    # an Int8Params moved off the host quantizes itself (row-wise absmax, as at load time)
+    new = bnb.nn.Int8Params(weight.detach().float().cpu(), requires_grad=False, has_fp16_weights=False)
+    module.weight = new.to(device)
+    module.state.CB = module.state.SCB = None  # the next forward takes the new scales from the weight
+
+
+def _bnb_4bit_write(module: nn.Module, weight: torch.Tensor) -> None:
+    import bitsandbytes as bnb
+
+    old = module.weight
+    state = getattr(old, "quant_state", None)
+    dtype = getattr(state, "dtype", None) or weight.dtype
+    new = bnb.nn.Params4bit(
+        weight.detach().to("cpu", dtype), requires_grad=False, blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+        module=module,
+    )
+    module.weight = new.to(old.device)  # quantizes (blockwise, the layer's own settings)
 
 
 def _is_tensor_subclass(t: object) -> bool:
@@ -125,9 +153,9 @@ def _torchao(module: nn.Module) -> bool:
 
 
 SCHEMES: tuple[QuantScheme, ...] = (
-    QuantScheme("bitsandbytes 8-bit (Linear8bitLt)", lambda m: _is_bnb(m, "Linear8bitLt"), _bnb_int8),
-    QuantScheme("bitsandbytes 4-bit (Linear4bit)", lambda m: _is_bnb(m, "Linear4bit"), _bnb_4bit),
-    QuantScheme("torchao", _torchao, lambda m: m.weight.dequantize()),
+    QuantScheme("bitsandbytes 8-bit (Linear8bitLt)", lambda m: _is_bnb(m, "Linear8bitLt"), _bnb_int8, _bnb_int8_write),
+    QuantScheme("bitsandbytes 4-bit (Linear4bit)", lambda m: _is_bnb(m, "Linear4bit"), _bnb_4bit, _bnb_4bit_write),
+    QuantScheme("torchao", _torchao, lambda m: m.weight.dequantize()),  # its configs cannot be re-applied here
 )
 
 
