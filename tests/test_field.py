@@ -376,3 +376,27 @@ def test_inference_cache_is_automatic_off_accelerators():
     with torch.no_grad():
         cpu_model(input_ids=IDS_IN)
     assert all(layer._cache is not None for layer in cpu_model.base_model.adapter_layers())
+
+
+@pytest.mark.parametrize("case", FIELD, ids=[c.id for c in FIELD])
+def test_inference_cache_follows_casts_and_writes_through_data(case):
+    """The eval-mode output never comes from a stale cached weight: after ``model.to(bf16)``, and
+    after adapter tensors are rewritten through ``.data`` (EMA, weight averaging, hand-written SGD),
+    which version counters do not see."""
+    model = adapted(case).eval()
+    with torch.no_grad():
+        model(input_ids=IDS_IN)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data.add_(0.05)
+        got = logits(model)
+        with torch.enable_grad():
+            want = logits(model)  # the adapter path: no cache while gradients are wanted
+        torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5)
+        model.to(torch.bfloat16)
+        got = logits(model)
+        assert got.dtype == torch.bfloat16
+        with torch.enable_grad():
+            want = logits(model)
+        torch.testing.assert_close(got.float(), want.detach().float(), rtol=0.05, atol=0.05)

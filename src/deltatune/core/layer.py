@@ -130,6 +130,17 @@ class Delta(DerivedBuffers):
         return any(not torch.isfinite(p).all() for p in self.parameters() if p.is_floating_point())
 
 
+def _same_values(tensors: list[torch.Tensor], copies: list[torch.Tensor]) -> bool:
+    if len(tensors) != len(copies):
+        return False
+    for t, c in zip(tensors, copies):
+        if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device:
+            return False
+        if t.device.type != "meta" and not torch.equal(t, c):
+            return False
+    return True
+
+
 def _is_sharded(t: torch.Tensor) -> bool:
     """A DTensor: a parameter FSDP2 (``fully_shard``) holds sharded outside its module's forward."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: no DTensor can exist
@@ -176,7 +187,7 @@ class AdapterLayer(Switchable, nn.Module):
         # the weight lives in host memory (measured 3-30x faster there), off on accelerators, where
         # the copy would cost ~12 GiB for LLaMA-7B with all-linear targets and the adapter path is cheap
         self.inference_cache: Optional[bool] = None
-        self._cache: Optional[tuple[tuple, torch.Tensor]] = None
+        self._cache: Optional[tuple[tuple, torch.Tensor, list[torch.Tensor]]] = None
 
     # ------------------------------------------------------------ introspection
     @property
@@ -274,23 +285,24 @@ class AdapterLayer(Switchable, nn.Module):
         return not self.base_layer.weight.requires_grad and not any(p.requires_grad for d in deltas for p in d.parameters())
 
     def _cached_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x·W_effᵀ + b with W_eff = T…(W) + ΣΔW built once and reused until a parameter changes
-        (tensor version counters see optimizer steps, merges and loads)."""
-        deltas = self._active_deltas()
+        """x·W_effᵀ + b with W_eff = T…(W) + ΣΔW built once and reused while nothing it was built
+        from changed: the base weight's storage, version counter, dtype and device, and the adapter
+        tensors' values (compared against a copy: writes through ``.data`` bypass version counters,
+        and adapter tensors are small). An in-place write to the frozen base weight through ``.data``
+        is the one change it cannot see; set ``inference_cache = False`` for code that does that."""
         w = self.base_layer.weight
-        key = (tuple(self.active_adapters), id(w), w._version) + tuple(
-            (id(p), p._version) for d in deltas for p in d.parameters()
-        )
-        if self._cache is None or self._cache[0] != key:
+        tensors = [t for d in self._active_deltas() for t in (*d.parameters(), *d.buffers())]
+        key = (tuple(self.active_adapters), w.data_ptr(), w._version, w.dtype, w.device)
+        if self._cache is None or self._cache[0] != key or not _same_values(tensors, self._cache[2]):
             with torch.no_grad(), no_autocast(x):
                 eff = self._weight_oi().float()
-                for d in deltas:
+                for d in self._active_deltas():
                     if d.is_transform:
                         eff = d.transform(eff).float()
-                for d in deltas:
+                for d in self._active_deltas():
                     if not d.is_transform:
                         eff = eff + d.delta_weight().float()
-            self._cache = (key, eff.to(w.dtype).contiguous())
+            self._cache = (key, eff.to(w.dtype).contiguous(), [t.detach().clone() for t in tensors])
         out = F.linear(x.to(w.dtype), self._cache[1], self.base_layer.bias)  # autocast casts it as for any layer
         return out if autocast_dtype(x) else out.to(x.dtype)
 
