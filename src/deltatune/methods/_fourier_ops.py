@@ -36,8 +36,8 @@ gives, with ``phi_k(z) = conj(z) if conj_k else z``:
 where ``F = rfft(grad_y)`` along the output dim.  Each direction is a gather of the n bins a
 coefficient reads, a multiply by per-position real factors (the conjugation is a sign on the
 imaginary part) and an ``index_add`` into the bins it writes; the spectra are laid out bin-major
-(bins x tokens) so that these are contiguous row copies.  Tokens are processed in cache-sized
-chunks.  Total cost ``O(T (out log out + in log in) + T n)``; besides the output, the forward keeps
+(bins x tokens) so that these are contiguous row copies.  Tokens are processed in chunks:
+cache-sized on the CPU, a few large ones on an accelerator (see ``_chunks``).  Total cost ``O(T (out log out + in log in) + T n)``; besides the output, the forward keeps
 the input spectrum at the distinct used input bins (at most ``in + 2`` floats per token).
 """
 
