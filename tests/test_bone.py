@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -190,3 +192,21 @@ def test_peft_bone_example_runs_unchanged(tmp_path):
     torch.testing.assert_close(loaded(x), out)
     merged = loaded.merge_and_unload()
     torch.testing.assert_close(merged(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_bone_wider_than_its_layer_is_written_in_bones_format(tmp_path):
+    """PEFT >= 0.19 (MiSS) refuses r above a layer's input width; such an adapter is written in
+    PEFT 0.18.1's Bone format, with a warning, and loads back with the same outputs."""
+    from conftest import build, out_of
+
+    base, inputs = build("mlp")  # lin0: 10 inputs
+    model = dt.get_peft_model(base, dt.BoneConfig(r=16, target_modules=["lin0"], init_weights=False)).eval()
+    with pytest.warns(UserWarning, match=r"r=16 above the input width of 'lin0'.*Bone format"):
+        model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "BONE"
+    again = dt.PeftModel.from_pretrained(build("mlp")[0], tmp_path).eval()
+    torch.testing.assert_close(out_of(again, inputs), out_of(model, inputs))
+
+    narrow_ok = dt.get_peft_model(build("mlp")[0], dt.BoneConfig(r=8, target_modules=["lin0"]))
+    narrow_ok.save_pretrained(tmp_path / "r8")
+    assert json.loads((tmp_path / "r8" / "adapter_config.json").read_text())["peft_type"] == "MISS"

@@ -291,7 +291,7 @@ class PeftModel(nn.Module):
             folder = root if name == "default" else ensure_dir(root / name)
             tensors = get_peft_model_state_dict(self.base_model, adapter_name=name)
             data = {k: _json_ready(v) for k, v in self.base_model.config_for_save(name).items()}
-            data, tensors = export_checkpoint(data, tensors, peft_format)
+            data, tensors = export_checkpoint(data, tensors, peft_format or self.base_model.checkpoint_format(name))
             metadata = {LAYER_SHAPES_KEY: json.dumps(layer_shapes(self.base_model, name), sort_keys=True)}
             data["inference_mode"] = True
             base = self.get_base_model()

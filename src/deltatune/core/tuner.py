@@ -99,6 +99,11 @@ class AdapterModel(nn.Module):
         """Rewrite this library's canonical state dict into what the checkpoint holds (AdaLoRA prunes)."""
         return state_dict
 
+    def checkpoint_format(self, adapter_name: str) -> Optional[str]:
+        """The PEFT name to write ``adapter_name`` under when the caller names none (None: the
+        method's default format, see ``io.formats.DEFAULT_FORMAT``)."""
+        return None
+
     def config_for_save(self, adapter_name: str) -> dict[str, Any]:
         return self.peft_config[adapter_name].to_dict()
 

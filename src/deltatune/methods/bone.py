@@ -15,6 +15,7 @@ inverse: W_ij = (W'_ij − B_i)(I + B_i)⁻¹.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TunerConfig, check_positive_int
-from ..core.layer import Delta, LayerSpec
+from ..core.layer import AdapterLayer, Delta, LayerSpec
 from ..core.precision import autocast_exempt
 from ..core.registry import register_method
 from ..core.tuner import AdapterModel
@@ -269,6 +270,22 @@ class BoneModel(AdapterModel):
                 )
             return BatDelta(spec, r)
         return BoneDelta(spec, r, config.init_weights)
+
+    def checkpoint_format(self, adapter_name: str) -> Optional[str]:
+        # PEFT >= 0.19 (MiSS) refuses layers narrower than r, which PEFT 0.18.1's Bone adapts: such
+        # an adapter is written in Bone's format, which a PEFT release can still load
+        r = self.peft_config[adapter_name].r
+        narrow = [
+            k for k, m in self.model.named_modules()
+            if isinstance(m, AdapterLayer) and adapter_name in m.adapters and m.spec.in_features < r
+        ]
+        if not narrow:
+            return None
+        warnings.warn(
+            f"Adapter '{adapter_name}' has r={r} above the input width of {narrow[0]!r}, which PEFT's MiSS refuses: "
+            "it is saved in PEFT 0.18.1's Bone format (peft_format='BONE')"
+        )
+        return "BONE"
 
     def prepare_state_dict_for_load(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
         # MiSS checkpoints store the same tensor as ``miss_block``
