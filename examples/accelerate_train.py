@@ -47,6 +47,7 @@ TARGETS = ["q_proj", "v_proj"]
 CONFIGS: dict[str, Callable[[argparse.Namespace], dt.TunerConfig]] = {
     "bone": lambda a: dt.BoneConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM"),
     "bat": lambda a: dt.BoneConfig(r=4, init_weights="bat", target_modules=TARGETS, task_type="CAUSAL_LM"),
+    "miss": lambda a: dt.MissConfig(r=4, init_weights="mini", mini_r=2, target_modules=TARGETS, task_type="CAUSAL_LM"),
     "adalora": lambda a: dt.AdaLoraConfig(
         init_r=6, target_r=2, total_step=a.steps, target_modules=TARGETS, task_type="CAUSAL_LM"
     ),

@@ -359,7 +359,7 @@ def _support_table() -> dict[str, dict[str, str]]:
     return rows
 
 
-TABLE_NAMES = {"BONE": "Bone / BAT", "ADALORA": "AdaLoRA", "FOURIERFT": "FourierFT", "RANDLORA": "RandLoRA"}
+TABLE_NAMES = {"BONE": "Bone / BAT", "MISS": "MiSS", "ADALORA": "AdaLoRA", "FOURIERFT": "FourierFT", "RANDLORA": "RandLoRA"}
 ALWAYS = ["fp32", "fp16", "bf16", "compile", "DDP", "FSDP2", "DeepSpeed", "mixed batches"]
 
 

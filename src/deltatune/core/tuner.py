@@ -191,6 +191,7 @@ class AdapterModel(nn.Module):
                 )
             with parameters_on_meta() if low_cpu_mem_usage else contextlib.nullcontext():
                 delta = self.make_delta(config, adapter_name, base, spec, key)
+            delta.train(base.training)  # a model in eval mode gets no adapter dropout until .train()
             self._place(delta, base)
             planned.append((key, module, delta))
         return planned

@@ -80,12 +80,12 @@ class BoneDelta(Delta):
 
     def fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-        same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+        # only where the block shares the GEMM's dtype: a bf16 block gradient (a sum over every token,
+        # and over the tiles of MiSS's mini block) loses too much; otherwise base GEMM + fp32 delta_out
+        same_dtype = weight.dtype == x.dtype == self.bone_block.dtype and (bias is None or bias.dtype == x.dtype)
         if not (frozen and same_dtype):
             return None
-        # the block joins the frozen GEMM's dtype (bf16 under autocast); its gradient comes back in
-        # the block's own dtype through the cast
-        return _BoneLinear.apply(x, weight, self.bone_block.to(x.dtype), bias)
+        return _BoneLinear.apply(x, weight, self.bone_block, bias)
 
 
 class _BoneLinear(torch.autograd.Function):
