@@ -119,20 +119,24 @@ def layer_rows(args, device: torch.device, clock: Clock) -> list[dict]:
                 return run
 
             for method in args.methods.split(","):
-                extra = {"target_modules": ["proj"]}
-                ours, theirs = make("deltatune", method, base, **extra), make("peft", method, base, **extra)
-                fns = {"floor": step(base), "deltatune": step(ours), "peft": step(theirs)}
-                t = interleaved(fns, clock, args.iters)
-                mem = {k: peak_bytes(fn, device) for k, fn in fns.items()}
-                rows.append({
-                    "row": f"layer {out_f}x{in_f}", "method": method, "tokens": tokens, "floor_ms": round(t["floor"], 3),
-                    "deltatune_vs_floor": t["deltatune"] / t["floor"], "peft_vs_floor": t["peft"] / t["floor"],
-                    "deltatune_vs_peft": t["deltatune"] / t["peft"],
-                    "mem_deltatune_MiB": mem["deltatune"] / 2**20, "mem_peft_MiB": mem["peft"] / 2**20,
-                })
-                print(rows[-1], flush=True)
-                del ours, theirs
+                rows.append(compare(f"layer {out_f}x{in_f}", method, tokens, base, step, {"target_modules": ["proj"]}, args, device, clock))
     return rows
+
+
+def compare(label: str, method: str, tokens: int, base: nn.Module, step, extra: dict, args, device, clock) -> dict:
+    """One row: the frozen base, deltatune and PEFT interleaved; times as ratios, peak memory in MiB."""
+    ours, theirs = make("deltatune", method, base, **extra), make("peft", method, base, **extra)
+    fns = {"floor": step(base), "deltatune": step(ours), "peft": step(theirs)}
+    t = interleaved(fns, clock, args.iters)
+    mem = {k: peak_bytes(fn, device) for k, fn in fns.items()}
+    row = {
+        "row": label, "method": method, "tokens": tokens, "floor_ms": round(t["floor"], 3),
+        "deltatune_vs_floor": t["deltatune"] / t["floor"], "peft_vs_floor": t["peft"] / t["floor"],
+        "deltatune_vs_peft": t["deltatune"] / t["peft"],
+        "mem_deltatune_MiB": mem["deltatune"] / 2**20, "mem_peft_MiB": mem["peft"] / 2**20,
+    }
+    print(row, flush=True)
+    return row
 
 
 def model_rows(args, device: torch.device, clock: Clock) -> list[dict]:
@@ -155,22 +159,9 @@ def model_rows(args, device: torch.device, clock: Clock) -> list[dict]:
             model.zero_grad(set_to_none=True)
         return run
 
-    rows = []
-    for method in args.methods.split(","):
-        extra = {"target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-        ours, theirs = make("deltatune", method, base, **extra), make("peft", method, base, **extra)
-        fns = {"floor": step(base), "deltatune": step(ours), "peft": step(theirs)}
-        t = interleaved(fns, clock, args.iters)
-        mem = {k: peak_bytes(fn, device) for k, fn in fns.items()}
-        rows.append({
-            "row": f"llama {layers}x{hidden} (MLP {inter})", "method": method, "tokens": tokens, "floor_ms": round(t["floor"], 3),
-            "deltatune_vs_floor": t["deltatune"] / t["floor"], "peft_vs_floor": t["peft"] / t["floor"],
-            "deltatune_vs_peft": t["deltatune"] / t["peft"],
-            "mem_deltatune_MiB": mem["deltatune"] / 2**20, "mem_peft_MiB": mem["peft"] / 2**20,
-        })
-        print(rows[-1], flush=True)
-        del ours, theirs
-    return rows
+    extra = {"target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    return [compare(f"llama {layers}x{hidden} (MLP {inter})", method, tokens, base, step, extra, args, device, clock)
+            for method in args.methods.split(",")]
 
 
 def main() -> None:

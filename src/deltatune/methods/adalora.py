@@ -335,8 +335,7 @@ class AdaLoraModel(AdapterModel):
             )
         conv = _conv_params(base_layer) if spec.kind == "conv2d" else None
         delta = SVDDelta(spec, config.init_r, config.lora_alpha, config.lora_dropout, bool(config.init_lora_weights), conv)
-        # follow the model's mode: a model in eval mode gets no adapter dropout until .train()
-        return delta.train(base_layer.training)
+        return delta
 
     def check_new_adapter(self, config: AdaLoraConfig, adapter_name: str) -> None:
         if config.inference_mode:
