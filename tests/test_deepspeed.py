@@ -24,6 +24,7 @@ import pytest
 
 from cases import CASES
 from ds_worker import MODES, STEPS, model_cases
+from test_distributed import ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SELECTED = model_cases(CASES, "llama")  # every setup
@@ -59,14 +60,6 @@ def results(tmp_path_factory):
     data.update(wall=time.perf_counter() - start, returncode=proc.returncode, stderr=proc.stderr[-3000:],
                 stdout=proc.stdout)
     return data
-
-
-def ranks(results, mode, case_id):
-    entry = results.get(mode, {}).get(case_id)
-    assert entry is not None, f"{mode}/{case_id} did not run: {results['stderr']}"
-    for info in entry:
-        assert "error" not in info, f"{mode}/{case_id} rank {info['rank']}: {info['error']}\n{info.get('trace', '')}"
-    return entry
 
 
 def test_every_method_is_covered():

@@ -67,7 +67,7 @@ def ranks(results, mode, case_id):
     entry = results.get(mode, {}).get(case_id)
     assert entry is not None, f"{mode}/{case_id} did not run: {results['stderr']}"
     for info in entry:
-        assert "error" not in info, f"rank {info['rank']}: {info['error']}\n{info.get('trace', '')}"
+        assert "error" not in info, f"{mode}/{case_id} rank {info['rank']}: {info['error']}\n{info.get('trace', '')}"
     return entry
 
 
