@@ -14,14 +14,13 @@ Also imported by the tests (``representative`` picks the cases both files use).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-import traceback
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from worker_loop import run_all  # noqa: E402
 
 STEPS = 4  # optimizer steps per case: AdaLoRA (total_step=10 in its cases) prunes from step 0
 DEVICE = os.environ.get("DELTATUNE_DIST_DEVICE", "cpu")  # "cuda": NCCL, one GPU per rank
@@ -199,29 +198,9 @@ def main() -> None:
 
     wanted = [c for c in args.cases.split(",") if c]
     cases = [c for c in CASES if c.id in wanted] if wanted else representative(CASES)
-    results = {"timing": {}}
     reference: dict = {}
-    for mode in args.modes.split(","):
-        start = time.perf_counter()
-        results[mode] = {}
-        for case in cases:
-            t0 = time.perf_counter()
-            try:
-                info = run_case(case, mode, args.out, reference)
-            except Exception as exc:  # noqa: BLE001 - recorded for the test to report
-                info = {"rank": dist.get_rank(), "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-            info["seconds"] = round(time.perf_counter() - t0, 3)
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, info)
-            results[mode][case.id] = every
-            if dist.get_rank() == 0:
-                with open(os.path.join(args.out, "results.json"), "w") as f:
-                    json.dump(results, f, default=str)
-        results["timing"][mode] = round(time.perf_counter() - start, 2)
-    if dist.get_rank() == 0:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, default=str)
-    dist.destroy_process_group()
+    run_all(args.modes.split(","), lambda mode: cases, lambda case, mode: run_case(case, mode, args.out, reference),
+            args.out)
 
 
 if __name__ == "__main__":

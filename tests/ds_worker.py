@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from worker_loop import run_all  # noqa: E402
 
 STEPS = 3
 MODES = ("zero2", "zero2_accum", "zero3_init", "zero3_after")
@@ -293,29 +292,8 @@ def main() -> None:
     wanted = [c for c in args.cases.split(",") if c]
     cases = [c for c in CASES if c.id in wanted] if wanted else model_cases(CASES)
     zero3_extra = [c for c in CASES if c.id in args.zero3_cases.split(",")]
-    results: dict = {"timing": {}}
-    for mode in args.modes.split(","):
-        start = time.perf_counter()
-        results[mode] = {}
-        for case in cases + (zero3_extra if mode.startswith("zero3") else []):
-            t0 = time.perf_counter()
-            try:
-                info = run_case(case, mode, args.out)
-            except Exception as exc:  # noqa: BLE001 - recorded for the test to report
-                info = {"rank": dist.get_rank(), "error": f"{type(exc).__name__}: {exc}"[:2000],
-                        "trace": traceback.format_exc()[-4000:]}
-            info["seconds"] = round(time.perf_counter() - t0, 3)
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, info)
-            results[mode][case.id] = every
-            if dist.get_rank() == 0:
-                with open(os.path.join(args.out, "results.json"), "w") as f:
-                    json.dump(results, f, default=str)
-        results["timing"][mode] = round(time.perf_counter() - start, 2)
-    if dist.get_rank() == 0:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, default=str)
-    dist.destroy_process_group()
+    run_all(args.modes.split(","), lambda mode: cases + (zero3_extra if mode.startswith("zero3") else []),
+            lambda case, mode: run_case(case, mode, args.out), args.out)
 
 
 if __name__ == "__main__":
