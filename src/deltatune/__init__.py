@@ -1,6 +1,6 @@
 """deltatune: parameter-efficient fine-tuning (FourierFT, RandLoRA, AdaLoRA, Bone/BAT), checkpoint-compatible with PEFT."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .config import PeftConfig, PeftType, TaskType, TunerConfig  # noqa: E402
 from .core.layer import AdapterLayer, Delta  # noqa: E402

@@ -27,6 +27,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
+from ._version import __version__
+from .core.registry import method_for
+from .io.files import atomic_write_text, resolve_local_dir
+
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -58,21 +62,6 @@ TaskType.__doc__ = "The task a model is tuned for (PEFT's ``TaskType``); it pick
 
 TASK_TYPES = tuple(t.value for t in TaskType)
 
-# peft_type string -> config class; filled by ``register_config``.
-CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
-    CONFIG_REGISTRY[cls.PEFT_TYPE] = cls
-    return cls
-
-
 @dataclass
 class PeftConfig:
     """Fields common to every adapter config (PEFT's ``PeftConfig``)."""
@@ -102,7 +91,7 @@ class PeftConfig:
                 )
             self.task_type = TaskType(task)
         if self.peft_version is None:
-            self.peft_version = _version()
+            self.peft_version = __version__
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -127,8 +116,6 @@ class PeftConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        from .io.files import atomic_write_text
-
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
@@ -144,8 +131,6 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any):
-        from .io.files import resolve_local_dir
-
         path = resolve_local_dir(pretrained_model_name_or_path, subfolder)
         return cls.from_config_file(os.path.join(path, CONFIG_NAME), **kwargs)
 
@@ -224,12 +209,7 @@ def _enum_or_str(enum_cls: type[enum.Enum], value: Any) -> Any:
 
 
 def config_class_for(peft_type: Any) -> type[PeftConfig]:
-    key = str(getattr(peft_type, "value", peft_type))
-    if key not in CONFIG_REGISTRY:
-        raise ValueError(
-            f"Unknown peft_type {key!r}; deltatune supports {sorted(CONFIG_REGISTRY)}"
-        )
-    return CONFIG_REGISTRY[key]
+    return method_for(peft_type).config_cls
 
 
 # ------------------------------------------------------------------------ field types from annotations
@@ -365,26 +345,9 @@ class TunerConfig(PeftConfig):
         if not isinstance(self.bias, str) or not (self.bias in ("none", "all") or self.bias.endswith("_only")):
             raise NotImplementedError(f"Requested bias: {self.bias}, is not implemented.")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        if isinstance(self.target_modules, set):
-            out["target_modules"] = sorted(self.target_modules)
-        return out
-
-
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"`{name}` should be a positive integer value but the value passed is {value}")
-
-
-def check_type(cls_name: str, name: str, value: Any, types: tuple[type, ...]) -> None:
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
-        want = " or ".join(t.__name__ for t in types)
-        raise ValueError(f"{cls_name}.{name} must be {want}, got {value!r}")
 
 
 def pattern_lookup(pattern: dict[str, Any], module_key: str, default: Any) -> Any:

@@ -36,6 +36,8 @@ from typing import Optional
 
 import torch
 
+from .._version import __version__
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -420,8 +422,6 @@ _PIPELINE_TAGS = {
 def model_card_text(config: dict) -> str:
     """A model card (README.md) as PEFT writes one: Hub metadata (library, base model, tags,
     pipeline), then the adapter's method, base model, config and how to load it."""
-    from .. import __version__
-
     base = config.get("base_model_name_or_path")
     method = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
     task = config.get("task_type")

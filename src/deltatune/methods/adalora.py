@@ -308,6 +308,8 @@ class AdaLoraModel(AdapterModel):
     During training, call :meth:`update_and_allocate` once per optimizer step, or let
     :meth:`attach_optimizer` (or ``deltatune.integrations.transformers.AdaLoraCallback``) do it.
     """
+    config_cls = AdaLoraConfig
+    prefix = "lora_"
 
     default_targets: ClassVar[dict[str, Any]] = ADALORA_DEFAULT_TARGETS
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d")
@@ -760,4 +762,4 @@ def orthogonal_regularization(model: Union[nn.Module, Mapping], adapter_name: Op
     return _orth_reg(find_adalora_model(model).triplets(adapter_name))
 
 
-register_method(AdaLoraConfig, AdaLoraModel, prefix="lora_")
+register_method(AdaLoraConfig, AdaLoraModel)

@@ -265,6 +265,8 @@ class BoneModel(AdapterModel):
         if config.init_weights == "bat":
             if spec.in_features % r or spec.out_features % r:
                 raise ValueError(
+    config_cls = BoneConfig
+    prefix = "bone_"
                     f"The weight matrix must be fully divisible into [r, r] blocks. Module '{key}' has "
                     f"(out, in) = ({spec.out_features}, {spec.in_features}) and r = {r}."
                 )
@@ -292,6 +294,6 @@ class BoneModel(AdapterModel):
         return {(k[: -len("miss_block")] + "bone_block" if k.endswith(".miss_block") else k): v for k, v in state_dict.items()}
 
 
-register_method(BoneConfig, BoneModel, prefix="bone_")
+register_method(BoneConfig, BoneModel)
 # PEFT >= 0.19 renamed Bone to MiSS (methods/miss.py); Bone adapters are saved in MiSS's format
 # unless PEFT 0.18.1's is asked for (io/formats.py)

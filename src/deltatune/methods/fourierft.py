@@ -146,6 +146,8 @@ class FourierFTModel(AdapterModel):
 
 
 def _check_fan_in_fan_out(config: Union[FourierFTConfig, "object"], spec: LayerSpec, key: str) -> None:
+    config_cls = FourierFTConfig
+    prefix = "fourierft_"
     """PEFT corrects ``fan_in_fan_out`` per layer with a warning; the layer type decides here too."""
     wanted = spec.fan_in_fan_out
     if bool(getattr(config, "fan_in_fan_out", False)) != wanted:
@@ -155,4 +157,4 @@ def _check_fan_in_fan_out(config: Union[FourierFTConfig, "object"], spec: LayerS
         )
 
 
-register_method(FourierFTConfig, FourierFTModel, prefix="fourierft_")
+register_method(FourierFTConfig, FourierFTModel)

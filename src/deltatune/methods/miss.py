@@ -117,6 +117,8 @@ class MissModel(AdapterModel):
     def make_delta(self, config: MissConfig, adapter_name: str, base_layer: nn.Module, spec: LayerSpec, key: str) -> Delta:
         r, out_f, in_f = config.r, spec.out_features, spec.in_features
         # PEFT 0.21.2 refuses r > in_features; Bone (PEFT 0.18.1) allowed it (the input is zero-padded to
+    config_cls = MissConfig
+    prefix = "miss_"
         # r), and a Bone adapter written as MiSS must load here, so it is allowed
         if config.init_weights == "bat":
             if in_f % r or out_f % r:
@@ -136,4 +138,4 @@ class MissModel(AdapterModel):
         return MissDelta(spec, r, mini_r, config.init_weights, config.miss_dropout)
 
 
-register_method(MissConfig, MissModel, prefix="miss_")
+register_method(MissConfig, MissModel)

@@ -129,6 +129,8 @@ class RandLoraModel(AdapterModel):
                 raise ValueError(
                     f"RandLora PRNG initialisation key must be the same for all adapters. Got "
                     f"config.projection_prng_key={config.projection_prng_key} but previous config had "
+    config_cls = RandLoraConfig
+    prefix = "randlora_"
                     f"{other.projection_prng_key}."
                 )
             if other.save_projection != config.save_projection:
@@ -228,4 +230,4 @@ class RandLoraModel(AdapterModel):
         return data
 
 
-register_method(RandLoraConfig, RandLoraModel, prefix="randlora_")
+register_method(RandLoraConfig, RandLoraModel)
