@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -158,6 +159,9 @@ def test_options_are_generic_over_the_registry():
 
 def test_derived_fields_of_registered_methods():
     """RandLoRA's alpha follows r (20·r); AdaLoRA's schedule follows the steps; the user's value wins."""
+    def schedule(steps):
+        return options.resolve_method("adalora").preset.derive({}, steps)
+
     registered = options.registered_methods()
     if "RANDLORA" in registered:
         spec = options.resolve_method("randlora")
@@ -170,8 +174,48 @@ def test_derived_fields_of_registered_methods():
         assert (config.total_step, config.tinit, config.tfinal, config.deltaT) == (300, 30, 90, 9)
         assert options.build_config(spec, {"tinit": 5}, None, None, steps=300).tinit == 5
         assert options.build_config(spec, {}, None, None, steps=3).total_step == 3
-    assert options.adalora_schedule(300) == {"total_step": 300, "tinit": 30, "tfinal": 90, "deltaT": 9}
-    assert options.adalora_schedule(2) == {"total_step": 2, "tinit": 0, "tfinal": 0, "deltaT": 1}
+    assert schedule(300) == {"total_step": 300, "tinit": 30, "tfinal": 90, "deltaT": 9}
+    assert schedule(2) == {"total_step": 2, "tinit": 0, "tfinal": 0, "deltaT": 1}
+
+
+def test_a_new_method_joins_the_cli_through_its_config_alone(monkeypatch):
+    """A method declares its CLI preset, alias and derived fields next to its config; no CLI file names it."""
+    import dataclasses
+    import re
+    import types
+
+    from deltatune.core import registry
+
+    @dataclasses.dataclass
+    class ToyConfig(dt.BoneConfig):
+        PEFT_TYPE: ClassVar[str] = "VERA"  # a PEFT type deltatune does not implement
+        CLI_PRESET: ClassVar[dict] = {"fields": {"r": 8}, "lr": 0.123, "why": "toy",
+                                      "aliases": {"toybat": {"init_weights": "bat"}}}
+
+        @classmethod
+        def cli_derived(cls, values, steps=None):
+            return {"target_modules": [f"q{values['r']}"] + ([f"s{steps}"] if steps else [])}
+
+    monkeypatch.setitem(registry.METHODS, "VERA", types.SimpleNamespace(peft_type="VERA", config_cls=ToyConfig))
+    assert {"vera", "toybat"} <= set(options.method_names())
+    spec = options.resolve_method("ToyBat")
+    assert (spec.peft_type, spec.implied) == ("VERA", {"init_weights": "bat"})
+    config = options.build_config(spec, {}, None, "SEQ_CLS", steps=7)
+    assert (config.r, config.init_weights, set(config.target_modules)) == (8, "bat", {"q8", "s7"})
+    assert set(options.build_config(spec, {"r": 16}, None, None).target_modules) == {"q16"}  # from the user's r
+    assert set(options.build_config(spec, {"target_modules": ["value"]}).target_modules) == {"value"}  # user wins
+    assert options.learning_rates(spec, None, None) == (0.123, options.HEAD_LR)
+    assert "toybat" in options.describe_methods() and "lr 0.123" in options.describe_methods()
+    assert options.method_from_config_file({"peft_type": "VERA", "init_weights": "bat"}, "x").name == "toybat"
+
+    # ... and the CLI's own code names no method (the temporary AdaLoRA preset aside)
+    cli = Path(options.__file__).parent
+    registered = "|".join(sorted(options.registered_methods()))
+    for path in sorted(cli.glob("*.py")):
+        if path.name == "_pending_presets.py":
+            continue
+        found = re.findall(rf"[\"']({registered})[\"']", path.read_text())
+        assert not found, f"{path.name} names methods {found}"
 
 
 # --------------------------------------------------------------------------- PEFT reads what we train
@@ -227,10 +271,12 @@ def test_trained_adapters_load_in_peft_with_the_same_outputs(tiny, trained, tmp_
 _PEFT_DEMO_SCRIPT = """
 import json, sys, torch, peft
 from safetensors.torch import load_file, save_file
-from deltatune.cli.models import load_classifier
+from transformers import AutoModelForSequenceClassification
+from deltatune.cli.models import minilm_path
 folder, inputs_file, version = sys.argv[1], sys.argv[2], sys.argv[3]
 assert peft.__version__ == version, peft.__version__
-base, _ = load_classifier(None, 2)  # the documented recipe (docs/trainer.md): MiniLM with its mean pooling
+torch.manual_seed(0)  # the head is saved with the adapter; this only fixes the throw-away init
+base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)  # plain transformers
 model = peft.PeftModel.from_pretrained(base, folder).eval()
 assert type(model.base_model).__module__.startswith("peft."), type(model.base_model)
 with torch.no_grad():
@@ -294,6 +340,8 @@ def test_merge_writes_a_model_with_the_adapters_outputs(trained_bone, tiny, tmp_
     assert not torch.allclose(base, expected, atol=1e-4)  # the adapter did change the model
     assert merged.config.id2label == {0: "neg", 1: "pos"}
 
+    assert_plain_load(AutoModelForSequenceClassification, tmp_path / "merged")
+
     # sharded: every tensor in some shard, an index naming them all, the single file gone
     code, _, err = run_cli(["merge", trained_bone, "--base", tiny, "-o", tmp_path / "merged", "--max-shard-size", "400kB"], capsys)
     assert code == 0, err
@@ -303,6 +351,96 @@ def test_merge_writes_a_model_with_the_adapters_outputs(trained_bone, tiny, tmp_
     with torch.no_grad():
         resharded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(resharded(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def assert_plain_load(auto_class, folder: Path):
+    """Plain transformers builds every weight of the merged model from the folder: nothing missing
+    (newly initialised), nothing unexpected, nothing mismatched."""
+    _, info = auto_class.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+
+def test_merge_of_the_default_classifier_is_a_complete_transformers_folder(tmp_path, capsys):
+    """MiniLM (the CLI's default classifier) + adapter -> merge -> plain AutoModelForSequenceClassification:
+    the pooler and head come from the folder and the logits are deltatune's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.cli.models import load_classifier
+
+    out = tmp_path / "bone"
+    code, _, err = run_cli(["train", "-m", "bone", "--limit", 40, "--steps", 2, "--batch-size", 8, "--max-length", 16,
+                            "--lr", "5e-2", "--threads", 1, "--no-progress", "-o", out], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["merge", out, "-o", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    assert "AutoModelForSequenceClassification.from_pretrained" in stdout
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"} <= keys
+    assert_plain_load(AutoModelForSequenceClassification, tmp_path / "merged")
+    base, tokenizer = load_classifier(None, 2, ["rotten", "fresh"])
+    inputs = dict(tokenizer(["a superb, moving film", "dull and far too long"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        expected = dt.PeftModel.from_pretrained(base, out).eval()(**inputs).logits
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+        got = merged(**inputs).logits
+        plain = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=2).eval()(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter and the trained head are in the folder
+
+
+def minilm() -> Path:
+    from deltatune.cli.models import minilm_path
+
+    return minilm_path()
+
+
+def test_merge_of_a_causal_lm_is_a_complete_transformers_folder(tiny_lm, tmp_path, capsys):
+    """A causal LM (tied embeddings) + adapter -> merge -> plain AutoModelForCausalLM: same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(
+        f"{'a superb' if i % 2 else 'an awful'} film {i},{'fresh' if i % 2 else 'rotten'}\n" for i in range(40)))
+    out = tmp_path / "lm"
+    code, _, err = run_cli(["train", "-m", "fourierft", "--set", "n_frequency=24", "--model", tiny_lm, "--data",
+                            tmp_path / "reviews.csv", "--steps", 3, "--batch-size", 4, "--lr", "5e-2", "--no-progress",
+                            "-o", out], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["merge", out, "--base", tiny_lm, "-o", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    assert "AutoModelForCausalLM.from_pretrained" in stdout
+    assert_plain_load(AutoModelForCausalLM, tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    inputs = dict(tokenizer(["Review: a superb film\nSentiment:"], return_tensors="pt"))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+        expected = dt.PeftModel.from_pretrained(base, out).eval()(**inputs).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        got = merged(**inputs).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()(**inputs).logits
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.get_input_embeddings().weight
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, expected, atol=1e-4)
+
+
+def test_merge_refuses_a_model_transformers_cannot_rebuild():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from deltatune.cli.merge import check_plain
+    from deltatune.cli.options import UsageError
+
+    model = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=8, vocab_size=30))
+    check_plain(model)
+
+    class MeanPooler(torch.nn.Module):
+        def forward(self, hidden):
+            return hidden.mean(1)
+
+    model.bert.pooler = MeanPooler()
+    with pytest.raises(UsageError, match="bert.pooler"):
+        check_plain(model)
 
 
 def test_streaming_safetensors_round_trip(tmp_path):
@@ -491,7 +629,7 @@ def tiny_lm(tiny, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # as SmolLM2
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -1,6 +1,6 @@
 """``deltatune compare``: the head-only baseline and several methods on the same data, seed and batches.
 
-Every run goes through :func:`deltatune.cli.train.run_train` with identical arguments except the
+Every run goes through :func:`deltatune.cli.train.train_method` with identical arguments except the
 method (and, with ``--peft``, the library: each adapter method is trained a second time with the
 real PEFT right after deltatune's run). Results: ``compare.json`` (every metric of every run),
 ``compare.md`` (the table) and ``compare.png`` (accuracy, trainable parameters, step time, peak
@@ -99,8 +99,7 @@ def replot(ns: argparse.Namespace, log: Callable[[str], None] = print) -> list[d
 
 
 def run_compare(ns: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    from .main import _train_args
-    from .train import prepare, run_train
+    from .train import TrainArgs, prepare, train_method
 
     if getattr(ns, "replot", False):
         return replot(ns, log)
@@ -109,7 +108,7 @@ def run_compare(ns: argparse.Namespace, log: Callable[[str], None] = print) -> l
     if ns.threads is None:
         ns.threads = 1
     out = Path(ns.output).expanduser()
-    base_args = _train_args(ns, parse_sets=False)
+    base_args = TrainArgs.from_namespace(ns, sets={})
     runs: list[tuple[str, bool]] = []
     for method in methods:
         runs.append((method, False))
@@ -122,26 +121,17 @@ def run_compare(ns: argparse.Namespace, log: Callable[[str], None] = print) -> l
                        output=str(out / (method + ("-peft" if use_peft else ""))))
         prepare(args)  # fills the task defaults in place
         planned.append(args)
-    if ns.peft:
-        _check_peft()
     log(f"compare: {len(planned)} runs ({', '.join(a.method + (' (PEFT)' if a.peft else '') for a in planned)}) "
         f"into {out}")
     results = []
     for args in planned:
-        results.append(run_train(args, log))
+        results.append(train_method(args, log))
         write_reports(results, out, reference_settings(args))  # partial tables survive an interrupted comparison
     table = markdown_table(results, reference_settings(planned[0]))
     log("")
     log(table)
     log(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
     return results
-
-
-def _check_peft() -> None:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise UsageError("--peft needs the peft package: pip install peft==0.21.2") from None
 
 
 def write_reports(results: list[dict[str, Any]], out: Path, reference: bool) -> None:
@@ -167,10 +157,9 @@ def _label(r: dict[str, Any]) -> str:
 
 
 def _sizes(r: dict[str, Any]) -> str:
-    config = r.get("config") or {}
-    keys = [k for k in ("r", "n_frequency", "scaling", "randlora_alpha", "init_r", "target_r", "lora_alpha", "init_weights")
-            if k in config and not (k == "init_weights" and not isinstance(config[k], str))]
-    return ", ".join(f"{k}={config[k]}" for k in keys) or "-"
+    """The run's ``settings`` (its method's preset fields, written by ``train``)."""
+    shown = r.get("settings") or {}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
 
 
 def markdown_table(results: list[dict[str, Any]], reference: bool) -> str:
@@ -211,7 +200,8 @@ def markdown_table(results: list[dict[str, Any]], reference: bool) -> str:
 def _library(r: dict[str, Any]) -> str:
     if r["backend"] != "peft":
         return "deltatune"
-    return f"PEFT {_peft_version()}" + (" (MiSS)" if r.get("peft_type") == "BONE" else "")
+    ran = r.get("peft_type_run")
+    return f"PEFT {_peft_version()}" + (f" (as {ran})" if ran and ran != r.get("peft_type") else "")
 
 
 def _peft_version() -> str:

@@ -81,18 +81,16 @@ def matched_modules(config_data: dict[str, Any], base: str) -> list[str]:
     import deltatune as dt
     from deltatune.core.targeting import select_targets
 
-    from . import models as cli_models
     from .options import registered_methods
-    from .train import CLASSIFY, TrainArgs, detect_task
+    from .tasks import detect_task
 
     methods = registered_methods()
-    peft_type = "BONE" if config_data.get("peft_type") == "MISS" else config_data.get("peft_type")
+    peft_type = config_data.get("peft_type")
     if peft_type not in methods:
         raise UsageError(f"--base: deltatune has no {peft_type!r} method to match modules with; known: {sorted(methods)}")
     config = dt.PeftConfig.from_peft_type(**{k: v for k, v in config_data.items() if k != "peft_version"})
-    task = "classify" if config.task_type == "SEQ_CLS" else ("lm" if config.task_type == "CAUSAL_LM" else "auto")
-    kind = detect_task(TrainArgs(model=base, task=task))
-    model = cli_models.load_classifier(base, 2)[0] if kind == CLASSIFY else cli_models.load_causal_lm(base)[0]
+    task = detect_task("auto", base, config.task_type)
+    model = task.load_model(base, ["0", "1"])[0]  # the head is not adapted: any label count will do
     selection = select_targets(model, config, lambda m: False, methods[peft_type].model_cls.default_targets)
     return list(selection.targets)
 

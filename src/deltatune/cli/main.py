@@ -30,10 +30,16 @@ class OneLineParser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- parser
 
 
+def _task_names() -> list[str]:
+    from .tasks import TASKS
+
+    return ["auto", *TASKS]
+
+
 def _add_train_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
     data = p.add_argument_group("data and model (defaults: Rotten Tomatoes + all-MiniLM-L6-v2, offline)")
     data.add_argument("--model", help="local transformers folder or .gguf file (sequence classifier or causal LM)")
-    data.add_argument("--task", default="auto", choices=["auto", "classify", "lm"],
+    data.add_argument("--task", default="auto", choices=_task_names(),
                       help="classify (new head) or lm (answer the label name); auto: lm for causal-LM models")
     data.add_argument("--data", help="local training table (.csv, .tsv, .jsonl, .json); default: Rotten Tomatoes")
     data.add_argument("--test-data", help="local test table; default: 20%% of --data (or the movie split)")
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with one method, evaluate, save the adapter",
                        description="Fine-tune a model with one method, evaluate it and save the adapter in PEFT's format.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--method", help="head, bone, bat, fourierft, randlora, adalora (any registered; "
+    p.add_argument("-m", "--method", help="head or any registered method or alias (`deltatune methods` lists them; "
                    "case-insensitive); default: bone, or the peft_type of --config")
     _add_train_options(p)
     p.add_argument("--output", "-o", help="adapter folder (default: runs/<method>)")
@@ -106,12 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("merge", help="base model + adapter -> merged model folder (safetensors)",
-                       description="Merge an adapter into its base model and write a plain transformers model folder.")
+                       description="Merge an adapter into its base model and write a complete transformers model "
+                       "folder: transformers.AutoModelForSequenceClassification (classify) or AutoModelForCausalLM "
+                       "(lm) .from_pretrained(folder) alone rebuilds the merged model -- every weight, head and "
+                       "pooler included, comes from the folder -- with deltatune's outputs. This is why the CLI "
+                       "trains transformers' own classes unchanged: its default classifier is all-MiniLM-L6-v2 as "
+                       "BertForSequenceClassification, the head on BERT's CLS pooler (the checkpoint's weights), "
+                       "not on sentence-transformers' mean pooling, which no transformers BERT classifier has. "
+                       "A merged model holding any module transformers would not rebuild is refused.")
     p.add_argument("adapter", help="adapter folder (adapter_config.json + weights)")
     p.add_argument("--base", help="local base model folder or .gguf (default: the adapter's base_model_name_or_path, "
                    "else all-MiniLM-L6-v2)")
     p.add_argument("--output", "-o", required=True, help="folder for the merged model")
-    p.add_argument("--task", default="auto", choices=["auto", "classify", "lm"])
+    p.add_argument("--task", default="auto", choices=_task_names(),
+                   help="auto: from the adapter's task_type (SEQ_CLS: classify, CAUSAL_LM: lm)")
     p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
     p.add_argument("--no-safe-merge", action="store_true", help="skip the check for NaN/inf before merging")
     p.set_defaults(func=cmd_merge)
@@ -135,30 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
-def _train_args(ns: argparse.Namespace, **extra: Any):
-    from .options import parse_sets
-    from .train import TrainArgs
-
-    return TrainArgs(
-        method=getattr(ns, "method", None), model=ns.model, task=ns.task, data=ns.data, test_data=ns.test_data,
-        text_column=ns.text_column, label_column=ns.label_column, limit=ns.limit, steps=ns.steps,
-        batch_size=ns.batch_size, max_length=ns.max_length, lr=ns.lr, head_lr=ns.head_lr,
-        weight_decay=ns.weight_decay, warmup=ns.warmup, seed=ns.seed, group_by_length=ns.group_by_length,
-        eval_limit=ns.eval_limit,
-        eval_batch_size=ns.eval_batch_size, output=getattr(ns, "output", None), threads=ns.threads,
-        sets=parse_sets(ns.sets) if extra.pop("parse_sets", True) else {},
-        config_file=getattr(ns, "config_file", None), peft=ns.peft, progress=not ns.no_progress,
-        eval_before=getattr(ns, "eval_before", False), baseline=getattr(ns, "baseline", False), **extra,
-    )
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
     import time
 
-    from .train import run_train, summary_lines
+    from .train import TrainArgs, run_train, summary_lines
 
     start = time.perf_counter()
-    result = run_train(_train_args(ns))
+    result = run_train(TrainArgs.from_namespace(ns))
     print("\n".join(["", *summary_lines(result), f"total time: {time.perf_counter() - start:.0f} s"]))
     return 0
 

@@ -1,5 +1,12 @@
 """``deltatune merge``: base model + adapter -> a plain transformers model folder.
 
+The folder is complete: ``transformers.AutoModelFor*.from_pretrained(folder)`` alone builds the
+merged model, every weight (head and pooler included) comes from the folder, and its outputs are
+deltatune's. That holds because the CLI trains transformers' own classes, unchanged (its default
+classifier is MiniLM as ``BertForSequenceClassification``, the head on the CLS pooler; see
+:mod:`.models`), and merging leaves only their own modules; :func:`check_plain` refuses a model
+holding any module transformers would not build from the config.
+
 The adapter is loaded with :meth:`deltatune.PeftModel.from_pretrained` and merged in place
 (``merge_and_unload``: every method, additive or weight transform, through the library's one merge
 path, with the NaN/inf check first). The weights are then written *streaming*: the safetensors
@@ -149,18 +156,24 @@ def write_weights(model: Any, output: Path, max_shard_bytes: int) -> list[str]:
 # --------------------------------------------------------------------------- the command
 
 
-def _task_of(config: Any, base: Optional[str], task: str) -> str:
-    from .train import CLASSIFY, LM, TrainArgs, detect_task
+def _task_of(config: Any, base: Optional[str], task: str) -> Any:
+    from .tasks import TASKS, detect_task
 
-    if task in (CLASSIFY, LM):
-        return task
-    if config.task_type == "SEQ_CLS":
-        return CLASSIFY
-    if config.task_type == "CAUSAL_LM":
-        return LM
-    if base is None:
-        raise UsageError("the adapter has no task_type: pass --task classify or --task lm (and --base)")
-    return detect_task(TrainArgs(model=base, task="auto"))
+    if task == "auto" and base is None and config.task_type not in {t.task_type for t in TASKS.values()}:
+        raise UsageError(f"the adapter has no task_type: pass --task ({' or '.join(TASKS)}) and --base")
+    return detect_task(task, base, config.task_type)
+
+
+def check_plain(model: Any) -> None:
+    """Refuse a merged model that transformers could not rebuild from its config alone: a module
+    from outside transformers/torch (a replaced pooler, a leftover adapter layer) would be lost or
+    re-initialised by ``from_pretrained``."""
+    foreign = sorted({f"{name or '<root>'} ({type(m).__module__}.{type(m).__name__})"
+                      for name, m in model.named_modules()
+                      if not type(m).__module__.startswith(("transformers.", "torch."))})
+    if foreign:
+        raise UsageError(f"the merged model holds modules transformers does not build from config.json, so a "
+                         f"saved folder would not reproduce it: {', '.join(foreign[:5])}")
 
 
 def _base_path(config: Any, base: Optional[str]) -> Optional[str]:
@@ -202,8 +215,6 @@ def run_merge(
     import deltatune as dt
     from deltatune.io.files import atomic_write_text
 
-    from . import models as cli_models
-
     folder = Path(adapter).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise UsageError(f"{str(folder)!r} is not an adapter folder (no adapter_config.json)")
@@ -221,14 +232,15 @@ def run_merge(
         if protected is not None and out.resolve() == protected.resolve():
             raise UsageError(f"--output {str(out)!r} is the {'adapter' if protected == folder else 'base model'} folder; pick a new folder")
 
-    if kind == "classify":
+    if kind.has_head:
         num_labels, names = _num_labels(folder)
-        model, tokenizer = cli_models.load_classifier(base_path, num_labels, names)
+        model, tokenizer = kind.load_model(base_path, names or [f"LABEL_{i}" for i in range(num_labels)])
     else:
-        model, tokenizer = cli_models.load_causal_lm(base_path)
+        model, tokenizer = kind.load_model(base_path, [])
     peft_model = dt.PeftModel.from_pretrained(model, str(folder))
     merged = peft_model.merge_and_unload(safe_merge=safe_merge)
     merged.eval()
+    check_plain(merged)
 
     out.mkdir(parents=True, exist_ok=True)
     files = write_weights(merged, out, max_bytes)
@@ -240,15 +252,10 @@ def run_merge(
             config_json = json.dumps(data, indent=2, sort_keys=True) + "\n"
         atomic_write_text(out / "config.json", config_json)
     generation = getattr(merged, "generation_config", None)
-    if generation is not None and kind == "lm":
+    if generation is not None and not kind.has_head:
         atomic_write_text(out / "generation_config.json", generation.to_json_string(use_diff=True))
     tokenizer.save_pretrained(str(out))
     size = sum((out / f).stat().st_size for f in files)
-    if getattr(merged.config, cli_models.POOLING_ATTRIBUTE, None) == "mean":
-        how = ("load it with deltatune.cli.models.load_classifier (which restores its mean pooling; "
-               "transformers alone would put the head on the CLS pooler)")
-    else:
-        how = "load it with transformers' from_pretrained"
-    log(f"merged {config.peft_type} adapter {folder} into {base_path or 'the default ' + kind + ' model'}: "
-        f"{out} ({', '.join(files)}, {size / 1e6:.1f} MB); {how}")
+    log(f"merged {config.peft_type} adapter {folder} into {base_path or kind.default_model}: "
+        f"{out} ({', '.join(files)}, {size / 1e6:.1f} MB); load it with transformers.{kind.auto_class}.from_pretrained")
     return out

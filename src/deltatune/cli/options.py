@@ -1,24 +1,25 @@
 """Method names and adapter-config fields for the command line, built from the method registry.
 
-Nothing here names a config field by hand except the per-method defaults in :data:`PRESETS`:
-the methods a user can pick are the ones registered in :data:`deltatune.core.registry.METHODS`
-(lower-cased ``peft_type``), plus two names of our own:
+Nothing here names a method or a config field. The methods a user can pick are the ones registered
+in :data:`deltatune.core.registry.METHODS` (lower-cased ``peft_type``), plus ``head``, the head-only
+baseline (no adapter, only the classification head trains). Each method declares next to its
+config class what the command line needs (:func:`preset_of`):
 
-* ``head`` -- the head-only baseline: no adapter, only the classification head trains;
-* ``bat``  -- Bone with ``init_weights="bat"`` (PEFT spells BAT as a Bone option).
+* ``CLI_PRESET`` (a class attribute, a plain dict): ``fields`` -- default config values for the
+  CLI's models (MiniLM classifier, SmolLM2); ``lr`` -- the adapter learning rate; ``why`` -- one
+  line for ``deltatune methods``; ``aliases`` -- extra method names that fix some fields (Bone
+  declares ``bat`` = ``init_weights="bat"``);
+* ``cli_derived(values, steps)`` (an optional classmethod): fields that follow from the others
+  or from the number of optimizer steps, filled unless the user set them (RandLoRA's alpha from
+  r, AdaLoRA's schedule from ``--steps``).
+
+A method without them runs with its config's defaults and lr :data:`DEFAULT_LR`.
 
 Every field of a method's config dataclass can be set with ``--set field=value`` (the value is
 parsed as JSON, and taken as a plain string when it is not JSON) or read from a PEFT-format
 ``adapter_config.json`` (``--config``). ``--set`` wins over the file, and the file wins over
 the CLI's defaults. A mistake -- an unknown method, a field of another method, a value the config
 rejects -- raises :class:`UsageError`, which ``deltatune`` prints as one line (exit code 2).
-
-Defaults chosen here (see ``docs/trainer.md`` and ``deltatune train --help``):
-
-* the method-specific sizes of the reference table (Bone r=64, FourierFT n_frequency=1000 with
-  PEFT's ``scaling=150``, RandLoRA r=32 with ``randlora_alpha = 20·r``, AdaLoRA 12 → 8);
-* learning rates per method (:data:`PRESETS`), and a separate one for the new head;
-* AdaLoRA's schedule (``total_step``, ``tinit``, ``tfinal``, ``deltaT``) from the number of steps.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pkgutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 HEAD = "head"
 
@@ -50,42 +51,30 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """CLI defaults of one method: config fields (only those the config class has are used), lr."""
+    """CLI defaults of one method, as its config class declares them (see the module docstring)."""
 
     fields: dict[str, Any] = field(default_factory=dict)
     lr: float = DEFAULT_LR
     why: str = ""
+    aliases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    derive: Optional[Callable[[dict[str, Any], Optional[int]], dict[str, Any]]] = None
 
 
-# The reference settings of the compare table and learning rates that reach PEFT's accuracy on the
-# default task (MiniLM, Rotten Tomatoes, 300 steps of 32, AdamW, linear decay, 10 % warm-up).
-PRESETS: dict[str, Preset] = {
-    "BONE": Preset({"r": 64}, 1e-3, "block B (r, out) starts at zero and acts on in/r inputs each; lr as for LoRA"),
-    "FOURIERFT": Preset(
-        {"n_frequency": 1000, "scaling": 150.0},
-        5e-2,
-        "ΔW = scaling·Re(IDFT2(c)); the IDFT divides by out·in, so each coefficient moves ΔW by "
-        "~scaling/(out·in): the spectrum needs a large lr (PEFT's GLUE recipe: scaling 100-150, lr 5e-2..1e-1)",
-    ),
-    "RANDLORA": Preset(
-        {"r": 32},
-        5e-4,
-        "scaling = randlora_alpha / r with randlora_alpha = 20·r (set from r unless given); gamma starts "
-        "at 1/max(in, out) (2.6e-3 for MiniLM), so an Adam step of 1e-2 moves it 4x its size: measured "
-        "here lr 1e-2 -> 55 %, 3e-3 -> 69 %, 1e-3 -> 81.3 %, 3e-4 -> 81.7 %, 1e-4 -> 78.8 %",
-    ),
-    "ADALORA": Preset(
-        {"init_r": 12, "target_r": 8},
-        1e-2,
-        "ΔW = B·diag(E)·A·lora_alpha/ranknum; rank budget 12 → 8 per module, pruned between "
-        "tinit and total_step − tfinal (set from --steps)",
-    ),
-}
+def preset_of(config_cls: type) -> Preset:
+    """The :class:`Preset` a config class declares (``CLI_PRESET``, ``cli_derived``)."""
+    from ._pending_presets import PENDING  # methods whose file does not declare a preset yet
 
-ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "bat": ("BONE", {"init_weights": "bat"}),
-}
-"""CLI names that are a registered method with some fields fixed."""
+    data = getattr(config_cls, "CLI_PRESET", None)
+    derive = getattr(config_cls, "cli_derived", None)
+    if data is None and getattr(config_cls, "PEFT_TYPE", None) in PENDING:
+        data, derive = PENDING[config_cls.PEFT_TYPE]
+    data = dict(data or {})
+    unknown = set(data) - {"fields", "lr", "why", "aliases"}
+    if unknown:
+        raise TypeError(f"{config_cls.__name__}.CLI_PRESET has unknown keys {sorted(unknown)}; "
+                        f"allowed: fields, lr, why, aliases")
+    return Preset(dict(data.get("fields") or {}), float(data.get("lr", DEFAULT_LR)), str(data.get("why", "")),
+                  {str(k).lower(): dict(v) for k, v in (data.get("aliases") or {}).items()}, derive)
 
 
 @dataclass(frozen=True)
@@ -102,7 +91,7 @@ class MethodSpec:
 
     @property
     def preset(self) -> Preset:
-        return PRESETS.get(self.peft_type or "", Preset())
+        return Preset() if self.peft_type is None else preset_of(registered_methods()[self.peft_type].config_cls)
 
 
 # --------------------------------------------------------------------------- registry
@@ -130,12 +119,24 @@ def registered_methods() -> dict[str, Any]:
     return dict(METHODS)
 
 
+def aliases() -> dict[str, tuple[str, dict[str, Any]]]:
+    """``alias -> (peft_type, fields it fixes)`` of every registered method (``bat`` -> Bone)."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    methods = registered_methods()
+    for peft_type in sorted(methods):
+        for alias, implied in preset_of(methods[peft_type].config_cls).aliases.items():
+            if alias == HEAD or alias.upper() in methods or alias in out:
+                raise TypeError(f"{methods[peft_type].config_cls.__name__}: CLI alias {alias!r} is already a method name")
+            out[alias] = (peft_type, implied)
+    return out
+
+
 def method_names(include_head: bool = True) -> list[str]:
     """CLI names of all methods: ``head``, then each registered method, then aliases."""
     methods = registered_methods()
     names = [HEAD] if include_head else []
     names += [t.lower() for t in sorted(methods)]
-    names += [alias for alias, (target, _) in ALIASES.items() if target in methods]
+    names += list(aliases())
     return names
 
 
@@ -150,8 +151,9 @@ def resolve_method(name: str) -> MethodSpec:
     if key == HEAD:
         return MethodSpec(HEAD, None)
     methods = registered_methods()
-    if key in ALIASES and ALIASES[key][0] in methods:
-        target, implied = ALIASES[key]
+    named = aliases()
+    if key in named:
+        target, implied = named[key]
         return MethodSpec(key, target, dict(implied))
     for peft_type in methods:
         if peft_type.lower() == key:
@@ -243,12 +245,10 @@ def method_from_config_file(data: dict[str, Any], path: str) -> MethodSpec:
     peft_type = data.get("peft_type")
     if not peft_type:
         raise UsageError(f"--config: {path} has no 'peft_type'; pass --method as well")
-    peft_type = str(peft_type)
-    if peft_type == "MISS":  # PEFT's successor of Bone; BoneConfig reads it
-        peft_type = "BONE"
-    spec = resolve_method(peft_type)
-    if spec.peft_type == "BONE" and data.get("init_weights") == "bat":
-        spec = resolve_method("bat")
+    spec = resolve_method(str(peft_type))
+    for alias, (target, implied) in aliases().items():  # a Bone file with init_weights="bat" is `bat`
+        if target == spec.peft_type and all(data.get(k) == v for k, v in implied.items()):
+            return resolve_method(alias)
     return spec
 
 
@@ -264,8 +264,8 @@ def build_config(
     """The adapter config of ``spec`` (``None`` for ``head``).
 
     Precedence: ``--set`` > the ``--config`` file > fields the method name implies (``bat``) >
-    :data:`PRESETS` > the dataclass defaults. Derived fields are filled last, only when the user
-    set none of them (RandLoRA's alpha from r, AdaLoRA's schedule from the number of steps).
+    the method's ``CLI_PRESET`` > the dataclass defaults. Derived fields (``cli_derived``) are
+    filled last, each only when the user did not set it.
     """
     if quiet:  # a validation pass: the real build says it (once)
         with warnings.catch_warnings():
@@ -293,7 +293,10 @@ def build_config(
     if "init_weights" in spec.implied and "init_weights" in user and user["init_weights"] != spec.implied["init_weights"]:
         raise UsageError(f"method {spec.name!r} implies init_weights={spec.implied['init_weights']!r}; do not set it to {user['init_weights']!r}")
     values.update(user)
-    _derive(spec.peft_type, values, user, allowed, steps)
+    if spec.preset.derive is not None:
+        for key, value in spec.preset.derive(dict(values), steps).items():
+            if key in allowed and key not in user:
+                values[key] = value
     if task_type is not None and "task_type" in allowed:
         values.setdefault("task_type", task_type)
         if user.get("task_type") is None:
@@ -304,37 +307,6 @@ def build_config(
             return config_cls(**values)
     except (TypeError, ValueError, NotImplementedError) as error:
         raise UsageError(f"invalid {spec.name} config: {' '.join(str(error).split())}") from None
-
-
-def _derive(peft_type: Optional[str], values: dict[str, Any], user: dict[str, Any], allowed: dict, steps: Optional[int]) -> None:
-    """Fields that follow from others unless the user set them."""
-    if peft_type == "RANDLORA" and "randlora_alpha" in allowed and "randlora_alpha" not in user:
-        r = values.get("r", allowed["r"].default if "r" in allowed else None)
-        if isinstance(r, int) and not isinstance(r, bool) and r > 0:
-            # RandLoRA's paper and PEFT: alpha = 20·r (PEFT's default 640 is right only for r=32)
-            values["randlora_alpha"] = 20 * r
-    if peft_type == "ADALORA" and steps:
-        schedule = adalora_schedule(steps)
-        for key, value in schedule.items():
-            if key in allowed and key not in user:
-                values[key] = value
-        if "total_step" in user and user["total_step"] != steps:
-            warnings.warn(f"AdaLoRA total_step={user['total_step']} differs from the {steps} training steps")
-
-
-def adalora_schedule(steps: int) -> dict[str, int]:
-    """AdaLoRA's budget schedule for ``steps`` optimizer steps.
-
-    The rank budget stays at init_r for the first ``tinit`` steps (10 %), shrinks cubically to
-    target_r until ``total_step − tfinal`` (the last 30 % keep the final pattern and fine-tune),
-    re-allocating every ``deltaT`` steps (about 20 re-allocations).
-    """
-    steps = max(int(steps), 1)
-    tinit = steps // 10
-    tfinal = (3 * steps) // 10
-    if steps - tfinal - tinit < 2:  # too short to budget: prune once at the end of warm-up
-        tinit, tfinal = 0, 0
-    return {"total_step": steps, "tinit": tinit, "tfinal": tfinal, "deltaT": max(1, (steps - tinit - tfinal) // 20)}
 
 
 def learning_rates(spec: MethodSpec, lr: Optional[float], head_lr: Optional[float]) -> tuple[float, float]:

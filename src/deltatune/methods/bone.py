@@ -41,6 +41,14 @@ class BoneConfig(TunerConfig):
 
     PEFT_TYPE: ClassVar[str] = "BONE"
     CHECK_PATTERN_NEEDS_LAYERS: ClassVar[bool] = False
+    # deltatune's command line (read through the registry): sizes for its MiniLM classifier and
+    # causal LM, the adapter lr, and "bat" as a method name of its own
+    CLI_PRESET: ClassVar[dict] = {
+        "fields": {"r": 64},
+        "lr": 1e-3,
+        "aliases": {"bat": {"init_weights": "bat"}},
+        "why": "block B (r, out) starts at zero and acts on in/r inputs each; lr as for LoRA (1e-3: 81.6 %)",
+    }
 
     r: int = 64
     init_weights: Union[bool, str] = True

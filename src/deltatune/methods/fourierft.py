@@ -47,6 +47,13 @@ class FourierFTConfig(TunerConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = "FOURIERFT"
+    # deltatune's command line (read through the registry): sizes and adapter lr
+    CLI_PRESET: ClassVar[dict] = {
+        "fields": {"n_frequency": 1000, "scaling": 150.0},
+        "lr": 5e-2,
+        "why": "ΔW = scaling·Re(IDFT2(c)); the IDFT divides by out·in, so each coefficient moves ΔW by "
+        "~scaling/(out·in): the spectrum needs a large lr (PEFT's GLUE recipe: scaling 100-150, lr 5e-2..1e-1)",
+    }
 
     n_frequency: int = 1000
     scaling: float = 150.0

@@ -42,6 +42,12 @@ class MissConfig(TunerConfig):
 
     PEFT_TYPE: ClassVar[str] = "MISS"
     CHECK_PATTERN_NEEDS_LAYERS: ClassVar[bool] = False
+    # deltatune's command line: Bone's sizes and lr (the same maths)
+    CLI_PRESET: ClassVar[dict] = {
+        "fields": {"r": 64},
+        "lr": 1e-3,
+        "why": "Bone's block under PEFT's newer name: the same sizes and lr as bone",
+    }
 
     r: int = 64
     miss_dropout: float = 0.0
