@@ -19,16 +19,6 @@ from deltatune.methods._fourier_ops import (
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # the tensors here are tiny: intra-op threads only add synchronisation cost (which explodes
-    # on a loaded 2-core machine), so run single-threaded and restore afterwards
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _randperm_positions(out_f: int, in_f: int, n: int, seed: int) -> torch.Tensor:
     perm = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([perm // in_f, perm % in_f], dim=0)
@@ -182,7 +172,7 @@ def test_backward_keeps_only_the_used_input_bins(n, dtype):
     x = torch.randn(9, 64).to(dtype).requires_grad_()
     c = torch.randn(n, requires_grad=True)
     y = fourier_linear(x, c, rows, cols, 20, 2.0)
-    kept = y.grad_fn.saved_tensors[1]
+    kept = y.grad_fn.saved_tensors[-1]
     folded = torch.where(cols > 32, 64 - cols, cols)
     assert kept.numel() == 9 * 2 * folded.unique().numel() <= 9 * (64 + 2)
     g = torch.randn(9, 20).to(dtype)
@@ -348,7 +338,110 @@ def test_against_peft_full_model(peft_model):
 # ----------------------------------------------------------------------------- cost model
 
 
-def test_choose_dense_is_a_bool_and_sane():
-    assert choose_dense(256, 4096, 4096, 1000) is False
-    assert choose_dense(2048, 4096, 11008, 10000) is False
-    assert isinstance(choose_dense(4096, 64, 64, 4096), bool)
+# (tokens, out, in, n) -> the cheaper path on a CPU and on an accelerator, for shapes where the
+# model's two costs are at least 3x apart on that kind
+CLEAR = [
+    ((8192, 4096, 4096, 1000), "fft", "fft"),  # the usual FourierFT budget: transforms beat GEMMs
+    ((2048, 4096, 11008, 10000), "fft", "fft"),
+    ((4096, 64, 64, 4096), "dense", "dense"),  # every coefficient trained: T·n sparse work > T·O·I
+    ((2048, 4096, 4096, 503316), "fft", "dense"),  # n = 3% of O·I: fp32 GEMMs cheap on a GPU, gathers not
+]
+
+
+@pytest.mark.parametrize("shape,cpu,accelerator", CLEAR, ids=[str(c[0]) for c in CLEAR])
+def test_cost_model_picks_the_clear_branch(shape, cpu, accelerator):
+    for kind, expected in (("cpu", cpu), ("accelerator", accelerator)):
+        costs = {path: fo.path_cost(path, *shape, kind) for path in ("fft", "dense")}
+        cheap, dear = sorted(costs.values())
+        assert dear > 3 * cheap, f"{shape} on {kind}: not a clear case {costs}"
+        assert choose_dense(*shape, kind) == (expected == "dense"), f"{shape} on {kind}: {costs}"
+
+
+def test_the_layer_asks_the_cost_model_for_its_device_kind(monkeypatch):
+    """A FourierFT layer prices its own device: the CPU on CPU tensors, the accelerator on meta."""
+    import deltatune as dt
+    from deltatune.methods import fourierft
+
+    seen = []
+    real = fourierft.choose_dense
+    monkeypatch.setattr(fourierft, "choose_dense", lambda *a: seen.append(a) or real(*a))
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            base = nn.Sequential(nn.Linear(64, 64, bias=False))
+        model = dt.get_peft_model(base, dt.FourierFTConfig(n_frequency=4096, target_modules=["0"]))
+        model(torch.randn(4, 64, device=device)).sum().backward()
+    assert [a[-1] for a in seen[:1]] == ["cpu"] and seen[-1][-1] == "accelerator"
+    assert seen[-1][:4] == (4, 64, 64, 4096)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "accelerator"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_and_fft_branches_give_the_same_numbers(monkeypatch, kind, dtype):
+    """Whichever branch the cost model picks, a layer returns the same output and gradients."""
+    import deltatune as dt
+    from deltatune.methods import _device, fourierft
+
+    monkeypatch.setattr(_device, "cache_sized", lambda device: kind == "cpu")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(48, 40, bias=True, dtype=dtype))
+    model = dt.get_peft_model(base, dt.FourierFTConfig(n_frequency=300, scaling=20.0, target_modules=["0"]))
+    x = torch.randn(3, 7, 48, dtype=dtype)
+    gy = torch.randn(3, 7, 40, dtype=dtype)
+    results = {}
+    for branch in ("fft", "dense"):
+        monkeypatch.setattr(fourierft, "choose_dense", lambda *a, b=branch: b == "dense")
+        model.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        y = model(xr)
+        y.backward(gy)
+        spectrum = next(p for n, p in model.named_parameters() if "fourierft_spectrum" in n)
+        results[branch] = (y.float(), xr.grad.float(), spectrum.grad.clone())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(results["fft"], results["dense"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- plans as buffers
+
+
+def _fourier_delta(model):
+    return next(m for m in model.modules() if type(m).__name__ == "FourierDelta")
+
+
+def test_plan_is_buffers_that_follow_the_module_and_stay_out_of_the_state_dict():
+    import deltatune as dt
+
+    base = nn.Sequential(nn.Linear(32, 24, bias=False))
+    model = dt.get_peft_model(base, dt.FourierFTConfig(n_frequency=50, target_modules=["0"]))
+    delta = _fourier_delta(model)
+    buffers = dict(delta.named_buffers())
+    assert {"plan_index", "plan_csr"} <= set(buffers)
+    assert buffers["plan_index"].dtype == torch.long and buffers["plan_csr"].dtype == torch.int32
+    assert not any("plan" in k for k in model.state_dict())  # checkpoint keys unchanged
+    x = torch.randn(5, 32)
+    y = model(x)
+    model.to(torch.bfloat16)  # integer buffers: a dtype cast leaves them alone
+    assert delta.plan_index.dtype == torch.long and delta.plan_csr.dtype == torch.int32
+    model.to(torch.float32)
+    model.to("meta")
+    assert delta.plan_index.device.type == "meta"
+    model.to_empty(device="cpu")  # garbage memory, derived again from the seed on leaving meta
+    fresh = FourierPlan.from_positions(peft_positions(24, 32, 50, 777), 24, 32)
+    assert torch.equal(delta.plan_index, fresh.index) and torch.equal(delta.plan_csr, fresh.csr)
+    assert y.shape == (5, 24)
+
+
+def test_backward_reads_the_plan_through_save_for_backward():
+    """Every tensor the backward needs is a saved tensor (saved-tensor hooks see the plan too)."""
+    rows, cols = peft_positions(20, 64, 30, 5)
+    plan = FourierPlan(rows, cols, 20, 64)
+    x = torch.randn(9, 64, requires_grad=True)
+    c = torch.randn(30, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = fourier_linear(x, c, rows, cols, 20, 2.0, plan=plan)
+    ptrs = {t.untyped_storage().data_ptr() for t in packed}
+    assert plan.index.untyped_storage().data_ptr() in ptrs and plan.csr.untyped_storage().data_ptr() in ptrs
+    assert not [k for k, v in vars(y.grad_fn).items() if isinstance(v, (torch.Tensor, FourierPlan))]
+    y.sum().backward()
+    assert c.grad is not None and x.grad is not None

@@ -58,3 +58,8 @@ def upcast_linear(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if x.dtype == a.dtype:
         return F.linear(x, a)
     return _UpcastLinear.apply(x, a)
+
+
+def kind(device: torch.device) -> str:
+    """"cpu" where :func:`cache_sized` holds, else "accelerator": the device kind a cost model prices."""
+    return "cpu" if cache_sized(device) else "accelerator"

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -55,9 +55,9 @@ from ..core.precision import autocast_exempt
 from . import _device
 
 __all__ = [
-    "DensePlan",
     "FourierPlan",
     "choose_dense",
+    "path_cost",
     "fourier_delta_weight",
     "fourier_linear",
     "peft_positions",
@@ -213,17 +213,17 @@ def _csr_pattern(row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int)
     return (crow.int(), (uniq % n_cols).int()), pos
 
 
-def _csr_entries(row, col, n_rows: int, n_cols: int, coef: torch.Tensor):
-    """A real CSR map with one entry per ``(row[e], col[e])`` carrying ``coef[e]`` times the
-    coefficient ``e mod n``: ``(pattern, src, coef, sums)`` with ``src``/``coef`` in slot order, or
+def _csr_entries(row, col, n_rows: int, n_cols: int, div: torch.Tensor):
+    """A real CSR map with one entry per ``(row[e], col[e])`` carrying the coefficient ``e mod n``
+    divided by ``div[e]``: ``(pattern, src, div, sums)`` with ``src``/``div`` in slot order, or
     in entry order plus ``sums`` (entry -> slot) where entries share a slot."""
     pattern, pos = _csr_pattern(row, col, n_rows, n_cols)
     src = torch.arange(row.numel(), device=row.device) % (row.numel() // 2)
     if pattern[1].numel() == row.numel():  # no shared slots: a permutation
         order = torch.empty_like(pos)
         order[pos] = torch.arange(pos.numel(), device=pos.device)
-        return pattern, src[order], coef[order], None
-    return pattern, src, coef, pos
+        return pattern, src[order], div[order], None
+    return pattern, src, div, pos
 
 
 def _csr(pattern, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -235,19 +235,29 @@ def _csr(pattern, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return torch.sparse_csr_tensor(pattern[0], pattern[1], values, size, check_invariants=False)
 
 
+# plan parts: index tensors (int64: gathers and scatters) and CSR structure plus small integer
+# factors (int32). Integers only, so that a module's ``.to(dtype)`` / ``.half()`` leaves them alone.
+_LONG_PARTS = ("used", "used2", "f_src", "b_src", "f_sum", "b_sum", "g_pos", "edge_idx", "dense_slot")
+_INT_PARTS = ("sign", "f_div", "b_div", "f_crow", "f_col", "b_crow", "b_col", "g_crow", "g_col")
+
+
 class FourierPlan:
-    """Sparse structure of the frequency maps for fixed positions and layer shape.
+    """Sparse structure of the frequency maps (and of the dense ΔW) for fixed positions and layer shape.
 
     Spectra are held planar: row ``2b`` the real parts of bin ``b`` over the tokens, row ``2b + 1``
     the imaginary parts. Position ``k`` folded into the half spectra reads input bin ``q_k`` and
-    writes output bin ``p_k``; where it reads the conjugate (``s_k = -1``) its imaginary-part entry
+    writes output bin ``p_k``; where it reads the conjugate (``sign_k = -1``) its imaginary-part entry
     is negated, so each map is one real CSR matrix with 2n entries (merged where folded positions
     coincide). Backward keeps the input spectrum at the distinct used input bins only (planar rows
-    ``used2``). Depends only on ``(rows, cols, out_features, in_features)``: build it
-    once per adapter and pass it to :func:`fourier_linear` (otherwise it comes from a small cache).
-    """
+    ``used2``).
 
-    _TENSORS = ("sign", "f_src", "b_src", "f_coef", "b_coef", "g_pos", "used2", "f_pat", "b_pat", "g_pat")
+    Everything is held in two flat integer tensors, :attr:`index` (int64) and :attr:`csr` (int32);
+    the named parts are views into them, placed by :attr:`layout` (plain Python ints, the same for
+    every device). A module owns the two tensors as non-persistent buffers (so ``.to()`` and
+    ``to_empty`` move them with it) and views them with :meth:`over`; shape-only (``meta``) tensors
+    work as well, as nothing here reads values after the build. ``FourierPlan(rows, cols, out, in)``
+    builds one (reading the positions' values: a host sync, once).
+    """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int):
         rows = torch.as_tensor(rows).reshape(-1).long()
@@ -260,123 +270,98 @@ class FourierPlan:
         ):
             raise ValueError("frequency positions out of range for the layer shape")
         Oh, Ih = O // 2 + 1, I // 2 + 1
-        self.out_features, self.in_features, self.n = O, I, rows.numel()
-        self.device = rows.device
         fold_p, fold_q = rows > O // 2, cols > I // 2
         p = torch.where(fold_p, O - rows, rows)
         q = torch.where(fold_q, I - cols, cols)
         used, slot = torch.unique(q, sorted=True, return_inverse=True)
-        self.sign = torch.where(fold_p == fold_q, -1.0, 1.0).double()  # phi_k(z) = conj(z) where -1
+        sign = torch.where(fold_p == fold_q, -1, 1)  # phi_k(z) = conj(z) where -1
         re_im = lambda idx: torch.cat([2 * idx, 2 * idx + 1])  # noqa: E731  (real rows, then imaginary rows)
-        both = lambda t: torch.cat([t, t * self.sign])  # noqa: E731  (an entry's factor: real, imaginary)
-        self.n_used = used.numel()
-        self.used2 = torch.stack([2 * used, 2 * used + 1], dim=1).reshape(-1)  # planar rows kept for backward
-        # each map entry e reads coefficient src[e] times coef[e]; entries sit in CSR slot order,
+        both = lambda t: torch.cat([t, t * sign])  # noqa: E731  (an entry's factor: real, imaginary)
+        parts = {"sign": sign, "used": used, "used2": torch.stack([2 * used, 2 * used + 1], dim=1).reshape(-1)}
+        # each map entry e reads coefficient src[e] divided by div[e] (times scaling / in or / out):
+        # div = ±m, m = 1 for the DC / Nyquist bins and 2 otherwise; entries sit in CSR slot order,
         # with a slot -> entries sum only where folded positions coincide (``*_sum``)
-        self.f_pat, self.f_src, self.f_coef, self.f_sum = _csr_entries(
-            re_im(p), re_im(q), 2 * Oh, 2 * Ih, both(1.0 / (I * torch.where(_edge(p, O), 1.0, 2.0).double()))
-        )  # y  <- x
-        self.b_pat, self.b_src, self.b_coef, self.b_sum = _csr_entries(
-            re_im(q), re_im(p), 2 * Ih, 2 * Oh, both(1.0 / (O * torch.where(_edge(q, I), 1.0, 2.0).double()))
-        )  # gx <- gy
-        self.g_pat, self.g_pos = _csr_pattern(re_im(p), re_im(slot), 2 * Oh, 2 * self.n_used)  # gc: sampled F·R
-        self._cache: dict = {}
-        self._device_copies: dict = {}
+        for d, (w_idx, r_idx, n_w, n_r, m_of) in {
+            "f": (p, q, Oh, Ih, torch.where(_edge(p, O), 1, 2)),  # y  <- x
+            "b": (q, p, Ih, Oh, torch.where(_edge(q, I), 1, 2)),  # gx <- gy
+        }.items():
+            (crow, col), src, div, sums = _csr_entries(re_im(w_idx), re_im(r_idx), 2 * n_w, 2 * n_r, both(m_of))
+            parts.update({f"{d}_crow": crow, f"{d}_col": col, f"{d}_src": src, f"{d}_div": div, f"{d}_sum": sums})
+        (parts["g_crow"], parts["g_col"]), parts["g_pos"] = _csr_pattern(re_im(p), re_im(slot), 2 * Oh, 2 * used.numel())
+        # dense ΔW (fourier_delta_weight): positions folded along the input dim only; edge columns
+        # (DC / Nyquist) keep both halves, the coefficient and its mirror (-p, q)
+        p_dense = torch.where(fold_q, (O - rows) % O, rows)
+        edge_idx = torch.nonzero(_edge(q, I)).reshape(-1)
+        parts["edge_idx"] = edge_idx  # which coefficients are repeated for their mirror
+        p_all = torch.cat([p_dense, ((O - p_dense) % O)[edge_idx]])
+        parts["dense_slot"] = torch.cat([slot, slot[edge_idx]]) * O + p_all  # in the occupied columns
+        layout: dict = {}
+        flats = []
+        for which, (names, dtype) in enumerate(((_LONG_PARTS, torch.long), (_INT_PARTS, torch.int32))):
+            pieces, start = [], 0
+            for name in names:
+                t = parts[name]
+                if t is not None:
+                    layout[name] = (which, start, t.numel())
+                    pieces.append(t.reshape(-1).to(dtype))
+                    start += t.numel()
+            flats.append(torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=rows.device))
+        self._view(flats[0], flats[1], (layout, O, I, rows.numel()))
+
+    def _view(self, index: torch.Tensor, csr: torch.Tensor, spec: tuple) -> None:
+        layout, O, I, n = spec
+        self.index, self.csr, self.spec = index, csr, spec
+        self.out_features, self.in_features, self.n = O, I, n
+        for name in (*_LONG_PARTS, *_INT_PARTS):
+            where = layout.get(name)
+            flat = None if where is None else (index, csr)[where[0]]
+            setattr(self, name, None if where is None else flat.narrow(0, where[1], where[2]))
+        self.n_used = self.used.numel()
+        self.device = index.device
+
+    @classmethod
+    def over(cls, index: torch.Tensor, csr: torch.Tensor, spec: tuple) -> "FourierPlan":
+        """The plan whose flat tensors are ``index`` and ``csr`` (any device), laid out as ``spec``
+        (another plan's :attr:`spec`)."""
+        plan = object.__new__(cls)
+        plan._view(index, csr, spec)
+        return plan
 
     @classmethod
     def from_positions(cls, indices: torch.Tensor, out_features: int, in_features: int) -> "FourierPlan":
         """Plan from a ``(2, n)`` position tensor as returned by :func:`peft_positions`."""
         return cls(indices[0], indices[1], out_features, in_features)
 
-    def map(self, spectrum: torch.Tensor, scaling: float, direction: str) -> torch.Tensor:
-        """The real CSR map of ``direction`` ("forward": x -> y, "backward": gy -> gx) for these
-        coefficients. One CSR tensor per (direction, dtype, scaling) is kept and its values are
-        rewritten in place: a map is consumed within the forward or backward call that asks for it."""
-        key = (direction, spectrum.dtype, scaling)
-        hit = self._cache.get(key)
-        if hit is None:
-            forward = direction == "forward"
-            pattern, coef = (self.f_pat, self.f_coef) if forward else (self.b_pat, self.b_coef)
-            Oh2, Ih2 = 2 * (self.out_features // 2 + 1), 2 * (self.in_features // 2 + 1)
-            values = coef.new_zeros(pattern[1].numel(), dtype=spectrum.dtype)
-            csr = _csr(pattern, values, (Oh2, Ih2) if forward else (Ih2, Oh2))
-            src, sums = (self.f_src, self.f_sum) if forward else (self.b_src, self.b_sum)
-            hit = self._cache[key] = (csr, values, src, (coef * scaling).to(spectrum.dtype), sums)
-        csr, values, src, coef, sums = hit
-        if sums is None:  # one entry per slot
-            torch.mul(spectrum.detach().index_select(0, src), coef, out=values)
-        else:
-            values.zero_().index_add_(0, sums, spectrum.detach().index_select(0, src) * coef)
-        return csr
-
-    def sample_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """CSR pattern (zero values) of the coefficient gradient's sampled product."""
-        key = ("mask", dtype)
-        if key not in self._cache:
-            shape = (2 * (self.out_features // 2 + 1), self.used2.numel())
-            self._cache[key] = _csr(self.g_pat, self.sign.new_zeros(self.g_pat[1].numel(), dtype=dtype), shape)
-        return self._cache[key]
-
-    def coefficient_grad(self, sampled: torch.Tensor, scaling: float) -> torch.Tensor:
-        """scaling / (out in) Σ_t Re(conj(F) phi(R)) per position, from the sampled re·re and im·im sums."""
-        key = ("grad", sampled.dtype, scaling)
-        if key not in self._cache:
-            factor = scaling / (self.out_features * self.in_features)
-            self._cache[key] = (torch.stack([torch.ones_like(self.sign), self.sign]) * factor).to(sampled.dtype)
-        return (sampled.index_select(0, self.g_pos).view(2, self.n) * self._cache[key]).sum(0)
-
     def to(self, device: Union[str, torch.device]) -> "FourierPlan":
-        """This plan on ``device`` (copies are memoised per device)."""
+        """This plan on ``device`` (itself if already there)."""
         device = torch.device(device)
         if device == self.device:
             return self
-        key = str(device)
-        new = self._device_copies.get(key)
-        if new is None:
-            new = object.__new__(FourierPlan)
-            new.__dict__.update(self.__dict__)
-            for name in self._TENSORS:
-                value = getattr(self, name)
-                moved = tuple(t.to(device) for t in value) if isinstance(value, tuple) else value.to(device)
-                setattr(new, name, moved)
-            for name in ("f_sum", "b_sum"):
-                value = getattr(self, name)
-                setattr(new, name, None if value is None else value.to(device))
-            new.device = device
-            new._cache = {}
-            new._device_copies = {}
-            self._device_copies[key] = new
-        return new
+        return FourierPlan.over(self.index.to(device), self.csr.to(device), self.spec)
 
+    def map(self, spectrum: torch.Tensor, scaling: float, direction: str) -> torch.Tensor:
+        """The real CSR map of ``direction`` ("forward": x -> y, "backward": gy -> gx) for these
+        coefficients (values: ``scaling * c[src] / (in · div)``, resp. ``/ (out · div)``)."""
+        forward = direction == "forward"
+        d = "f" if forward else "b"
+        crow, col, src, div, sums = (getattr(self, f"{d}_{k}") for k in ("crow", "col", "src", "div", "sum"))
+        Oh2, Ih2 = 2 * (self.out_features // 2 + 1), 2 * (self.in_features // 2 + 1)
+        # ``div`` is ±1 or ±2: dividing by it is exact, so the values are those of one rounded factor
+        values = spectrum.detach().index_select(0, src).mul_(scaling / (self.in_features if forward else self.out_features))
+        values.div_(div)
+        if sums is not None:
+            values = values.new_zeros(col.numel()).index_add_(0, sums, values)
+        return _csr((crow, col), values, (Oh2, Ih2) if forward else (Ih2, Oh2))
 
-_PLAN_CACHE: "OrderedDict" = OrderedDict()
-_PLAN_CACHE_SIZE = 64
+    def sample_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """CSR pattern (zero values) of the coefficient gradient's sampled product."""
+        shape = (2 * (self.out_features // 2 + 1), self.used2.numel())
+        return _csr((self.g_crow, self.g_col), torch.zeros(self.g_col.numel(), dtype=dtype, device=self.device), shape)
 
-
-def _tensor_key(t: torch.Tensor):
-    t = t.detach().reshape(-1).long()
-    try:
-        return t.numpy().tobytes()
-    except Exception:
-        return tuple(t.tolist())
-
-
-def _get_plan(rows, cols, out_features, in_features, device) -> FourierPlan:
-    """Plan for these positions; cached by value for CPU index tensors, rebuilt otherwise."""
-    rows = torch.as_tensor(rows)
-    cols = torch.as_tensor(cols)
-    if rows.device.type != "cpu" or cols.device.type != "cpu":
-        return FourierPlan(rows, cols, out_features, in_features).to(device)
-    key = (int(out_features), int(in_features), _tensor_key(rows), _tensor_key(cols))
-    plan = _PLAN_CACHE.get(key)
-    if plan is None:
-        plan = FourierPlan(rows, cols, out_features, in_features)
-        _PLAN_CACHE[key] = plan
-        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    else:
-        _PLAN_CACHE.move_to_end(key)
-    return plan.to(device)
+    def coefficient_grad(self, sampled: torch.Tensor, scaling: float) -> torch.Tensor:
+        """scaling / (out in) Σ_t Re(conj(F) phi(R)) per position, from the sampled re·re and im·im sums."""
+        re_re, im_im = sampled.index_select(0, self.g_pos).view(2, self.n)
+        return (im_im * self.sign).add_(re_re).mul_(scaling / (self.out_features * self.in_features))
 
 
 # =============================================================================================
@@ -464,18 +449,21 @@ class _FourierLinearFn(torch.autograd.Function):
 
     @staticmethod
     @autocast_exempt
-    def forward(ctx, x, spectrum, plan, scaling, base_weight=None, base_bias=None):
+    def forward(ctx, x, spectrum, plan_index, plan_csr, plan_spec, scaling, base_weight=None, base_bias=None):
+        # the plan's two flat tensors come in as inputs and go through save_for_backward like every
+        # tensor the backward reads (saved-tensor hooks see them; the ctx holds no tensor)
+        plan = FourierPlan.over(plan_index, plan_csr, plan_spec)
         O, I = plan.out_features, plan.in_features
         lead = x.shape[:-1]
         x2d = x.reshape(-1, I)
         T = x2d.shape[0]
         cdtype = _compute_dtype(x.dtype, spectrum.dtype)
-        ctx.plan, ctx.scaling, ctx.cdtype = plan, scaling, cdtype
+        ctx.plan_spec, ctx.scaling, ctx.cdtype = plan_spec, scaling, cdtype
         ctx.x_shape, ctx.x_dtype, ctx.c_dtype = x.shape, x.dtype, spectrum.dtype
         ctx.has_base = base_weight is not None  # frozen: saved like F.linear saves its weight
         base = (base_weight,) if ctx.has_base else ()
         if T == 0 or plan.n == 0:
-            ctx.save_for_backward(spectrum, *base)
+            ctx.save_for_backward(spectrum, plan_index, plan_csr, *base)
             y = F.linear(x2d, base_weight, base_bias) if base_weight is not None else x.new_zeros((T, O))
             return y.reshape(*lead, O)
 
@@ -493,18 +481,18 @@ class _FourierLinearFn(torch.autograd.Function):
             y.addmm_(x2d, base_weight.T)
             if base_bias is not None:
                 y += base_bias
-        ctx.save_for_backward(spectrum, *base, *(() if kept is None else (kept,)))
+        ctx.save_for_backward(spectrum, plan_index, plan_csr, *base, *(() if kept is None else (kept,)))
         return y.reshape(*lead, O)
 
     @staticmethod
     @autocast_exempt
     def backward(ctx, grad_out):
-        plan, scaling, cdtype = ctx.plan, ctx.scaling, ctx.cdtype
-        O, I = plan.out_features, plan.in_features
+        scaling, cdtype = ctx.scaling, ctx.cdtype
         saved = ctx.saved_tensors  # read once: a checkpoint's saved tensors unpack only once
-        spectrum = saved[0]
-        base = saved[1] if ctx.has_base else None
-        kept = saved[-1] if len(saved) > 1 + ctx.has_base else None
+        spectrum, plan = saved[0], FourierPlan.over(saved[1], saved[2], ctx.plan_spec)
+        O, I = plan.out_features, plan.in_features
+        base = saved[3] if ctx.has_base else None
+        kept = saved[-1] if len(saved) > 3 + ctx.has_base else None
         need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g2d = grad_out.reshape(-1, O)
         T = g2d.shape[0]
@@ -513,7 +501,7 @@ class _FourierLinearFn(torch.autograd.Function):
             if need_x:
                 gx = g2d.to(base.dtype) @ base if base is not None else g2d.new_zeros((T, I))
                 grad_x = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
-            return grad_x, (torch.zeros_like(spectrum) if need_c else None), None, None, None, None
+            return grad_x, (torch.zeros_like(spectrum) if need_c else None), None, None, None, None, None, None
 
         if need_x:
             bmap = plan.map(spectrum.to(cdtype), scaling, "backward")
@@ -521,7 +509,7 @@ class _FourierLinearFn(torch.autograd.Function):
         if need_c:
             rows = plan.used2.numel()
             mask = plan.sample_mask(cdtype)
-            acc = torch.zeros(plan.g_pat[1].numel(), dtype=cdtype, device=g2d.device)
+            acc = torch.zeros(plan.g_col.numel(), dtype=cdtype, device=g2d.device)
         for t0, t1 in ctx.chunks:
             spec = _planar(g2d[t0:t1].to(cdtype))  # (2O', Tc)
             if need_c:
@@ -533,7 +521,7 @@ class _FourierLinearFn(torch.autograd.Function):
             gx.addmm_(g2d.to(base.dtype), base)  # + the frozen layer's gy·W
         grad_x = gx.reshape(ctx.x_shape) if need_x else None
         grad_c = plan.coefficient_grad(acc, scaling).to(ctx.c_dtype) if need_c else None
-        return grad_x, grad_c, None, None, None, None
+        return grad_x, grad_c, None, None, None, None, None, None
 
 
 def fourier_linear(
@@ -558,7 +546,8 @@ def fourier_linear(
             be distinct (as drawn by PEFT / :func:`peft_positions`), duplicates would be summed.
         out_features: ``out`` of the adapted layer.
         scaling: the FourierFT scaling factor (Python number or 0-d tensor, not differentiated).
-        plan: optional :class:`FourierPlan` for these positions (skips the plan lookup).
+        plan: the :class:`FourierPlan` of these positions (a module keeps it; without it one is
+            built for this call, which reads the positions' values: a host sync).
         base_weight, base_bias: a frozen layer ``(out, in)`` (and ``(out,)``) in ``x``'s dtype to
             include: the result is then ``F.linear(x, base_weight + dW, base_bias)``. They get
             no gradient.
@@ -576,11 +565,11 @@ def fourier_linear(
     if spectrum.dim() != 1:
         raise ValueError("spectrum must be a 1-D tensor")
     if plan is None:
-        plan = _get_plan(rows, cols, out_features, in_features, x.device)
+        plan = FourierPlan(torch.as_tensor(rows), torch.as_tensor(cols), out_features, in_features)
     else:
         if plan.out_features != int(out_features) or plan.in_features != in_features:
             raise ValueError("plan was built for a different layer shape")
-        plan = plan.to(x.device)
+    plan = plan.to(x.device)
     if plan.n != spectrum.numel():
         raise ValueError(f"spectrum has {spectrum.numel()} entries but there are {plan.n} positions")
     if base_weight is not None:
@@ -589,41 +578,12 @@ def fourier_linear(
         base_weight, base_bias = base_weight.detach(), (None if base_bias is None else base_bias.detach())
     elif base_bias is not None:
         raise ValueError("base_bias given without base_weight")
-    return _FourierLinearFn.apply(x, spectrum, plan, scaling, base_weight, base_bias)
+    return _FourierLinearFn.apply(x, spectrum, plan.index, plan.csr, plan.spec, scaling, base_weight, base_bias)
 
 
 # =============================================================================================
 # Dense delta weight
 # =============================================================================================
-
-
-class DensePlan:
-    """Everything :func:`fourier_delta_weight` derives from the fixed positions alone (index
-    tensors of known sizes), computed once per adapter so that building ΔW has only static shapes
-    (no boolean masks or ``unique``: nothing that breaks a ``torch.compile`` graph)."""
-
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, out_features: int, in_features: int):
-        O, I = int(out_features), int(in_features)
-        rows = torch.as_tensor(rows).reshape(-1).to(torch.long).cpu()
-        cols = torch.as_tensor(cols).reshape(-1).to(torch.long).cpu()
-        fold_q = cols > I // 2
-        q = torch.where(fold_q, I - cols, cols)
-        p = torch.where(fold_q, (O - rows) % O, rows)
-        edge_idx = torch.nonzero(_edge(q, I)).reshape(-1)
-        # edge columns (DC / Nyquist) keep both halves: the coefficient and its mirror (-p, q)
-        p_all = torch.cat([p, ((O - p) % O)[edge_idx]])
-        q_all = torch.cat([q, q[edge_idx]])
-        used, q_inv = torch.unique(q_all, sorted=True, return_inverse=True)
-        self.out_features, self.in_features = O, I
-        self.edge_idx = edge_idx  # which coefficients are repeated for their mirror
-        self.slot = q_inv * O + p_all  # position of each (repeated) coefficient in the occupied columns
-        self.used = used  # occupied half-spectrum columns
-        self.n_used = int(used.numel())
-
-    def to(self, device: Union[str, torch.device]) -> "DensePlan":
-        moved = object.__new__(DensePlan)
-        moved.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
-        return moved
 
 
 def fourier_delta_weight(
@@ -634,7 +594,7 @@ def fourier_delta_weight(
     in_features: int,
     scaling: Union[float, torch.Tensor],
     *,
-    dense_plan: Optional[DensePlan] = None,
+    plan: Optional[FourierPlan] = None,
 ) -> torch.Tensor:
     """Dense ``Re(ifft2(S)) * scaling`` of shape ``(out, in)`` (float32; float64 for a float64 spectrum).
 
@@ -642,8 +602,8 @@ def fourier_delta_weight(
     part, which is real-valued, so only the columns that hold a coefficient need the complex
     inverse DFT along the output dim, followed by one ``irfft`` along the input dim (about half
     to a third of the cost of PEFT's dense complex ``ifft2``).
-    Differentiable with respect to ``spectrum`` through ordinary autograd. Pass a
-    :class:`DensePlan` for these positions to skip its (position-only) index work.
+    Differentiable with respect to ``spectrum`` through ordinary autograd. Pass the
+    :class:`FourierPlan` of these positions to skip its (position-only) index work.
     """
     O, I = int(out_features), int(in_features)
     Ih = I // 2 + 1
@@ -651,11 +611,11 @@ def fourier_delta_weight(
         scaling = float(scaling.detach().item())
     dtype = torch.float64 if spectrum.dtype == torch.float64 else torch.float32
     device = spectrum.device
-    plan = dense_plan if dense_plan is not None else DensePlan(rows, cols, O, I).to(device)
+    plan = (FourierPlan(torch.as_tensor(rows), torch.as_tensor(cols), O, I) if plan is None else plan).to(device)
     c = spectrum.reshape(-1).to(dtype) * (0.5 * float(scaling))
     c_all = torch.cat([c, c.index_select(0, plan.edge_idx)])
     # occupied columns only, laid out (column, output-frequency) so the transform is along the last dim
-    cols_half = torch.zeros(plan.n_used * O, dtype=dtype, device=device).index_add(0, plan.slot, c_all)
+    cols_half = torch.zeros(plan.n_used * O, dtype=dtype, device=device).index_add(0, plan.dense_slot, c_all)
     cols_spec = torch.fft.ifft(cols_half.view(plan.n_used, O), dim=-1)  # (n_used, O) complex
     half = torch.zeros(O, Ih, dtype=cols_spec.dtype, device=device)
     half = half.index_copy(1, plan.used, cols_spec.transpose(0, 1))
@@ -665,38 +625,105 @@ def fourier_delta_weight(
 # =============================================================================================
 # Cost model
 # =============================================================================================
+#
+# One forward + backward of each path, as work counted from the kernels it runs (T tokens, O/I
+# out/in features, n coefficients, u the expected number of occupied half-spectrum columns), priced
+# per device kind. FFT flops use the usual 5 N log2 N for a complex length-N transform (2.5 N log2 N
+# for a real one); the transforms and products run in fp32 (half inputs are cast).
+#
+#   FFT path   transforms  4 real 1-D FFTs per token (rfft x, irfft y, rfft gy, irfft gx):
+#                          5 T (O log2 O + I log2 I) flops
+#              sparse      the forward and backward CSR maps and the sampled product, 2n
+#                          entries each, over T tokens: 12 T n flops, reading 32 T n bytes
+#              passes      spectra copies (planar layout, kept bins, casts): 32 T (O + I) bytes
+#              ~40 kernel launches
+#   dense path transforms  ΔW = irfft_in(ifft_out(S)) on u + O rows, and the same again in the
+#                          backward: 5 (u O log2 O + O I log2 I) flops (the backward's counted
+#                          in the per-flop rate)
+#              GEMMs       x·ΔWᵀ, gy·ΔW, gyᵀ·x in fp32: 6 T O I flops
+#              passes      ΔW, its gradient and their spectra (about 7 weight-sized fp32 passes),
+#                          casts of x, y, gx: 28 O I + 6 T (2I + O) bytes
+#              ~20 kernel launches
+#
+# CPU rates: fitted by weighted least squares to 116 measured (tokens, out, in, n) points on one
+# thread of this project's 2-core machines (AMD EPYC, AVX-512, MKL), 32x32 to 4096x4096, tokens
+# 1..512, n 16..out*in; median error 12-13%, and the model picks the faster path in every case
+# except six tiny (<=128x128) layers where both cost the same ~0.5 ms of overhead. There the memory
+# traffic is priced inside the per-flop rates (byte rate 0), and the fixed cost is Python and
+# dispatch overhead. Written out, the CPU model is
+#
+#   fft   = 4.6e-4 + 5.1e-10 T (O log2 O + I log2 I) + 5.0e-10 T n + 1.2e-8 n
+#   dense = 4.4e-4 + 5.8e-10 (u O log2 O + O I log2 I) + 7.6e-11 T O I + 5.5e-8 n
+#
+# Accelerator rates: not measured (no GPU here); from NVIDIA's H100 SXM5 datasheet, with stated
+# efficiencies:
+#   * fp32 GEMMs: 67 TFLOP/s peak for FP32 without tensor cores (PyTorch leaves TF32 off for
+#     matmuls by default), at an assumed 70% => 1 / 47e12 s per flop;
+#   * FFTs: cuFFT at these lengths (<= 16k, one kernel each) is bound by memory, not flops; its
+#     traffic is in the byte counts (the 5 N log2 N flops at 67 TFLOP/s would be a few % of it);
+#   * memory: 3.35 TB/s HBM3, at an assumed 80% for streaming passes => 1 / 2.7e12 s per byte;
+#     CSR gathers (cuSPARSE SpMM / SDDMM reading whole token rows per entry) at an assumed 50%
+#     => 1 / 1.7e12 s per byte;
+#   * launches: ~5 µs of host-side dispatch per eager op, an assumption typical of PyTorch eager
+#     on a fast host CPU (it matters only for tiny layers or token counts).
+# Under this model the dense path wins on an accelerator once n reaches about 1-2 % of O·I at
+# many tokens (the fp32 GEMMs are cheap there, the T·n gathers are not); on the CPU only past
+# about 15 %. For the usual FourierFT budgets (n of 1e3..1e5 on 4096-wide layers) the FFT path
+# is the cheaper one on both.
 
 
-def choose_dense(tokens: int, out_features: int, in_features: int, n_frequency: int) -> bool:
-    """True when materialising ``dW`` (``fourier_delta_weight`` + ``F.linear``, autograd through
-    both) is predicted to be cheaper than :func:`fourier_linear` for one forward + backward pass.
+@dataclass(frozen=True)
+class _Rates:
+    """Seconds per unit of work of one path on one kind of device."""
 
-    Cost model, seconds on one CPU thread (AMD EPYC, AVX-512, MKL; fitted by weighted least
-    squares to 116 measured (tokens, out, in, n) points from 32x32 to 4096x4096, tokens 1..512,
-    n 16..out*in; median error 12-13%, and it picks the faster path in every case except
-    six tiny (<=128x128) layers where both paths cost the same ~0.5 ms of overhead)::
-
-        fft   = 4.6e-4 + 5.1e-10 * T * (O log2 O + I log2 I) + 5.0e-10 * T * n + 1.2e-8 * n
-        dense = 4.4e-4 + 5.8e-10 * (u O log2 O + O I log2 I) + 7.6e-11 * T * O * I + 5.5e-8 * n
-        u     = (I//2 + 1) * (1 - exp(-n / (I//2 + 1)))   # expected occupied half-spectrum columns
-
-    (``T`` tokens, ``O``/``I`` out/in features.)  The dense path pays three GEMMs (forward,
-    grad-input, grad-weight) plus two 2-D transforms; the FFT path pays 1-D transforms per token
-    plus ``T * n`` sparse work.  Hence the dense path only wins once ``n`` is a sizeable fraction
-    of the weight (for many tokens, roughly ``n > 0.15 * O * I``); for the usual FourierFT budgets
-    (n of 1e3..1e5 on 4096-wide layers) the FFT path is 10-50x cheaper.
-    """
-    T, O, I, n = int(tokens), int(out_features), int(in_features), int(n_frequency)
-    return _dense_cost(T, O, I, n) < _fft_cost(T, O, I, n)
+    call: float  # per forward + backward: launches, dispatch, Python
+    fft_flop: float  # per transform flop
+    gemm_flop: float  # per dense GEMM flop
+    sparse_flop: float  # per flop of the CSR products
+    coef: float  # per coefficient (index work on the n positions)
+    byte: float  # per byte of streaming memory traffic
+    gather_byte: float  # per byte read by the CSR products
 
 
-def _fft_cost(T: int, O: int, I: int, n: int) -> float:
-    transforms = O * math.log2(max(O, 2)) + I * math.log2(max(I, 2))
-    return 4.6e-4 + 5.1e-10 * T * transforms + 5.0e-10 * T * n + 1.2e-8 * n
+_LAUNCH = 5e-6
+_COST_RATES = {
+    "cpu": {
+        "fft": _Rates(call=4.6e-4, fft_flop=5.1e-10 / 5, gemm_flop=0.0, sparse_flop=5.0e-10 / 12, coef=1.2e-8, byte=0.0, gather_byte=0.0),
+        "dense": _Rates(call=4.4e-4, fft_flop=5.8e-10 / 5, gemm_flop=7.6e-11 / 6, sparse_flop=0.0, coef=5.5e-8, byte=0.0, gather_byte=0.0),
+    },
+    "accelerator": {
+        "fft": _Rates(call=40 * _LAUNCH, fft_flop=0.0, gemm_flop=1 / 47e12, sparse_flop=0.0, coef=0.0, byte=1 / 2.7e12, gather_byte=1 / 1.7e12),
+        "dense": _Rates(call=20 * _LAUNCH, fft_flop=0.0, gemm_flop=1 / 47e12, sparse_flop=0.0, coef=0.0, byte=1 / 2.7e12, gather_byte=1 / 1.7e12),
+    },
+}
 
 
-def _dense_cost(T: int, O: int, I: int, n: int) -> float:
+def _nlog(n: int) -> float:
+    return n * math.log2(max(n, 2))
+
+
+def _work(path: str, T: int, O: int, I: int, n: int) -> dict:
+    """Work of one forward + backward of ``path``: flops by kind, bytes, coefficients."""
+    if path == "fft":
+        return {"fft_flop": 5.0 * T * (_nlog(O) + _nlog(I)), "sparse_flop": 12.0 * T * n, "gemm_flop": 0.0,
+                "byte": 32.0 * T * (O + I), "gather_byte": 32.0 * T * n, "coef": float(n)}
     half = I // 2 + 1
-    used = half * (1.0 - math.exp(-n / half))
-    transforms = used * O * math.log2(max(O, 2)) + O * I * math.log2(max(I, 2))
-    return 4.4e-4 + 5.8e-10 * transforms + 7.6e-11 * T * O * I + 5.5e-8 * n
+    used = half * (1.0 - math.exp(-n / half))  # expected occupied half-spectrum columns
+    return {"fft_flop": 5.0 * (used * _nlog(O) + O * _nlog(I)), "sparse_flop": 0.0, "gemm_flop": 6.0 * T * O * I,
+            "byte": 28.0 * O * I + 6.0 * T * (2 * I + O), "gather_byte": 0.0, "coef": float(n)}
+
+
+def path_cost(path: str, tokens: int, out_features: int, in_features: int, n_frequency: int, kind: str = "cpu") -> float:
+    """Predicted seconds of one forward + backward of ``path`` ("fft" or "dense") on ``kind``
+    ("cpu" or "accelerator", see :func:`._device.kind`)."""
+    rates = _COST_RATES[kind][path]
+    work = _work(path, int(tokens), int(out_features), int(in_features), int(n_frequency))
+    return rates.call + sum(getattr(rates, unit) * amount for unit, amount in work.items())
+
+
+def choose_dense(tokens: int, out_features: int, in_features: int, n_frequency: int, kind: str = "cpu") -> bool:
+    """True when materialising ``dW`` (``fourier_delta_weight`` + ``F.linear``, autograd through
+    both) is predicted to be cheaper than :func:`fourier_linear` for one forward + backward pass
+    on a device of ``kind`` ("cpu" or "accelerator"); the model is described above."""
+    args = (tokens, out_features, in_features, n_frequency, kind)
+    return path_cost("dense", *args) < path_cost("fft", *args)

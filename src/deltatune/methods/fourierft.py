@@ -30,7 +30,8 @@ from ..core.layer import Delta, LayerSpec
 from ..core.registry import register_method
 from ..core.targeting import DEFAULT_TARGETS
 from ..core.tuner import AdapterModel
-from ._fourier_ops import DensePlan, FourierPlan, choose_dense, fourier_delta_weight, fourier_linear, peft_positions
+from . import _device
+from ._fourier_ops import FourierPlan, choose_dense, fourier_delta_weight, fourier_linear, peft_positions
 
 # PEFT's FourierFT defaults: the LoRA table, but GPT-2-style models adapt only the MLP output
 FOURIERFT_TARGETS = {**DEFAULT_TARGETS, "gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
@@ -87,36 +88,45 @@ class FourierDelta(Delta):
         super().__init__(spec)
         self.scaling = float(scaling)
         # positions are derived from the seed, never saved (PEFT's checkpoints hold only the spectrum)
-        self._derive = lambda: peft_positions(spec.out_features, spec.in_features, n_frequency, seed)
-        self.register_derived("indices", self._derive)  # (2, n): rows p_k, cols q_k
+        O, I = spec.out_features, spec.in_features
+
+        def positions() -> torch.Tensor:  # values are needed: derived on the CPU whatever the device context
+            with torch.device("cpu"):
+                return peft_positions(O, I, n_frequency, seed)
+
+        def plan() -> FourierPlan:
+            return FourierPlan.from_positions(positions(), O, I)
+
+        self.register_derived("indices", positions)  # (2, n): rows p_k, cols q_k
+        # the index plan of both paths (sparse maps, dense ΔW), derived from the positions: two flat
+        # integer buffers that move with the module (dtype casts leave them alone); the layout (Python
+        # ints) is the same on every device, so a module on meta views its shape-only buffers alike
+        built = plan()
+        self._plan_spec = built.spec
+        self.register_derived("plan_index", lambda: plan().index, value=built.index)
+        self.register_derived("plan_csr", lambda: plan().csr, value=built.csr)
         spectrum = torch.zeros(n_frequency) if init_weights else torch.randn(n_frequency)
         self.fourierft_spectrum = nn.Parameter(spectrum)
-        # index plans derived from the positions, built once per device (sparse map; dense ΔW)
-        self._plans: dict[tuple[str, torch.device], object] = {}
 
-    def _plan(self, kind: str, device: torch.device):
-        if (kind, device) not in self._plans:
-            cls = FourierPlan if kind == "sparse" else DensePlan
-            # on meta (shape-only runs) the plan is derived again: a meta tensor has no values
-            rows, cols = self._derive() if self.indices.device.type == "meta" else self.indices.cpu()
-            self._plans[(kind, device)] = cls(rows, cols, self.spec.out_features, self.spec.in_features).to(device)
-        return self._plans[(kind, device)]
+    def _plan(self) -> FourierPlan:
+        return FourierPlan.over(self.plan_index, self.plan_csr, self._plan_spec)
 
     def delta_weight(self) -> torch.Tensor:
         rows, cols = self.indices
         spectrum = self.fourierft_spectrum
         return fourier_delta_weight(
-            spectrum, rows, cols, self.spec.out_features, self.spec.in_features, self.scaling,
-            dense_plan=self._plan("dense", spectrum.device),
+            spectrum, rows, cols, self.spec.out_features, self.spec.in_features, self.scaling, plan=self._plan()
         )  # (out, in), fp32
 
     def _dense_is_cheaper(self, x: torch.Tensor) -> bool:
         tokens = x.numel() // max(x.shape[-1], 1)
-        return choose_dense(tokens, self.spec.out_features, self.spec.in_features, self.fourierft_spectrum.numel())
+        return choose_dense(
+            tokens, self.spec.out_features, self.spec.in_features, self.fourierft_spectrum.numel(), _device.kind(x.device)
+        )
 
     def _fft_path(self, x: torch.Tensor, **base: Optional[torch.Tensor]) -> torch.Tensor:
         rows, cols = self.indices
-        plan = self._plan("sparse", x.device)
+        plan = self._plan()
         return fourier_linear(x, self.fourierft_spectrum, rows, cols, self.spec.out_features, self.scaling, plan=plan, **base)
 
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,8 @@ class FourierDelta(Delta):
 
 class FourierFTModel(AdapterModel):
     """Creates a FourierFT model: ``FourierFTModel(model, config, "default")``."""
+    config_cls = FourierFTConfig
+    prefix = "fourierft_"
 
     default_targets = FOURIERFT_TARGETS
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
@@ -153,8 +165,6 @@ class FourierFTModel(AdapterModel):
 
 
 def _check_fan_in_fan_out(config: Union[FourierFTConfig, "object"], spec: LayerSpec, key: str) -> None:
-    config_cls = FourierFTConfig
-    prefix = "fourierft_"
     """PEFT corrects ``fan_in_fan_out`` per layer with a warning; the layer type decides here too."""
     wanted = spec.fan_in_fan_out
     if bool(getattr(config, "fan_in_fan_out", False)) != wanted:
