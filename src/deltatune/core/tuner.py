@@ -87,17 +87,20 @@ class AdapterModel(nn.Module):
     def after_delete(self, adapter_name: str) -> None:
         """Drop model-level state of a deleted adapter."""
 
-    def extra_tensor_slots(self, adapter_name: str) -> dict[str, tuple[nn.Module, str]]:
-        """Model-level checkpoint tensors: ``{checkpoint key: (owner module, attribute)}``."""
+    # Checkpoint hooks. Keys are io's business: a hook sees a module's own tensor names.
+    shared_tensor_names: ClassVar[tuple[str, ...]] = ()  # model-level tensors older files keep per layer
+
+    def model_tensors(self, adapter_name: str) -> dict[str, tuple[nn.Module, str]]:
+        """Model-level tensors ``adapter_name`` saves (not under a layer): ``{name: (owner module, attribute)}``."""
         return {}
 
-    def prepare_state_dict_for_load(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        """Rewrite a checkpoint into this library's canonical keys (legacy layouts, resizing)."""
-        return state_dict
+    def fragment_for_save(self, path: str, fragment: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """What the checkpoint holds for module ``path`` of ``adapter_name``, given its live tensors
+        ``{name: tensor}`` (AdaLoRA slices pruned ranks away)."""
+        return fragment
 
-    def prepare_state_dict_for_save(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        """Rewrite this library's canonical state dict into what the checkpoint holds (AdaLoRA prunes)."""
-        return state_dict
+    def before_load(self, adapter_name: str) -> None:
+        """Make ``adapter_name``'s modules fit what its config says the checkpoint holds (AdaLoRA's ranks)."""
 
     def checkpoint_format(self, adapter_name: str) -> Optional[str]:
         """The PEFT name to write ``adapter_name`` under when the caller names none (None: the

@@ -1,4 +1,10 @@
-"""Checkpoint formats of one method under two PEFT names: Bone (PEFT ≤ 0.18.1) and MiSS (PEFT ≥ 0.19).
+"""Checkpoint layouts that differ from the one deltatune writes, as pure mappings of config dicts and keys.
+
+- Model-level tensors some writers keep under every layer (RandLoRA's shared bases: PEFT writes them
+  once at model level, older files under each adapted layer): :func:`collapse_shared_tensors`.
+- One method under two PEFT names, Bone (PEFT ≤ 0.18.1) and MiSS (PEFT ≥ 0.19), below.
+
+Bone and MiSS:
 
 The two are one method: MiSS's ``init_weights`` True/False/"bat" are Bone's, its tensor
 ``miss_block`` is Bone's ``bone_block``; MiSS adds ``miss_dropout`` (training only) and the
@@ -15,6 +21,28 @@ import warnings
 from typing import Any, Optional
 
 import torch
+
+def collapse_shared_tensors(
+    tensors: dict[str, torch.Tensor], names: tuple[str, ...], prefix: str, keep: set[str]
+) -> dict[str, torch.Tensor]:
+    """A checkpoint with each model-level tensor ``names`` once, at ``prefix + name``: copies stored
+    under layers (``...<layer>.<name>``) are folded into it (they must be equal). Model-level keys
+    not in ``keep`` are dropped: the adapter re-derives them (RandLoRA without ``save_projection``)."""
+    out: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in names and key != prefix + name:
+            if name in per_layer and not torch.equal(per_layer[name], value):
+                raise ValueError(f"The checkpoint holds different {name} copies under different layers (e.g. {key})")
+            per_layer[name] = value
+        else:
+            out[key] = value
+    for name, value in per_layer.items():
+        out.setdefault(prefix + name, value)
+    dropped = {prefix + name for name in names} - keep
+    return {k: v for k, v in out.items() if k not in dropped}
+
 
 # the format a method's adapters are written in unless the caller asks for another
 DEFAULT_FORMAT = {"BONE": "MISS"}

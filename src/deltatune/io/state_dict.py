@@ -3,6 +3,7 @@
     in memory:   <path>.adapters.<adapter>.<tensor>           (a Delta's own state dict)
                  <path>.modules_to_save.<adapter>.<tensor>    (modules_to_save copies)
     checkpoint:  base_model.model.<path>.<tensor>
+                 base_model.<tensor>                          (model-level tensors: RandLoRA's shared bases)
 
 Loading inverts the same table, checks every key and shape first, and only then writes, so a bad
 checkpoint leaves the model exactly as it was.
@@ -20,12 +21,13 @@ import torch.nn as nn
 from ..core.layer import AdapterLayer
 from ..core.modules_to_save import ModulesToSaveWrapper
 from .files import CheckpointError
-from .formats import default_tensor_format, native_tensor_names
+from .formats import collapse_shared_tensors, default_tensor_format, native_tensor_names
 
 if TYPE_CHECKING:
     from ..core.tuner import AdapterModel
 
-MODEL_PREFIX = "base_model.model."
+MODEL_PREFIX = "base_model.model."  # a module's tensors: base_model.model.<path>.<name>
+MODEL_LEVEL_PREFIX = "base_model."  # model-level tensors: base_model.<name>
 
 Slots = dict[str, tuple[nn.Module, str]]  # checkpoint key -> (owner module, attribute name)
 
@@ -48,7 +50,7 @@ def adapter_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             slots.update(_module_slots(prefix, module.modules_to_save[adapter_name]))
     slots.update(bias_slots(tuner, adapter_name))
-    slots.update(tuner.extra_tensor_slots(adapter_name))
+    slots.update({MODEL_LEVEL_PREFIX + name: slot for name, slot in tuner.model_tensors(adapter_name).items()})
     return slots
 
 
@@ -144,8 +146,23 @@ def get_peft_model_state_dict(
             if name is None or name not in state_dict:
                 raise KeyError(f"get_peft_model_state_dict: the state_dict passed has no {name or key!r} (for {key})")
             state[key] = state_dict[name]
-    state = tuner.prepare_state_dict_for_save(state, adapter_name)
+    state = _fragments_for_save(tuner, state, adapter_name)
     return _rebase(default_tensor_format(state, tuner.peft_config[adapter_name].peft_type), prefix)
+
+
+def _fragments_for_save(tuner: "AdapterModel", state: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """``state`` after the method's per-module save hook (``fragment_for_save``)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.startswith(MODEL_PREFIX):
+            path, _, name = key[len(MODEL_PREFIX):].rpartition(".")
+            modules.setdefault(path, {})[name] = tensor
+    out = dict(state)
+    for path, fragment in modules.items():
+        saved = tuner.fragment_for_save(path, fragment, adapter_name)
+        if saved is not fragment:
+            out.update({f"{MODEL_PREFIX}{path}.{name}": tensor for name, tensor in saved.items()})
+    return out
 
 
 def _memory_names(model: nn.Module) -> dict[tuple[int, str], str]:
@@ -192,7 +209,11 @@ def load_adapter_state(
     """Load a PEFT-format adapter state dict into ``adapter_name``; all-or-nothing. ``strict``: a
     missing or unexpected key is an error (checkpoint files); otherwise they are returned."""
     state_dict = native_tensor_names(dict(state_dict), tuner.peft_config[adapter_name].peft_type)
-    state_dict = tuner.prepare_state_dict_for_load(state_dict, adapter_name)
+    state_dict = collapse_shared_tensors(
+        state_dict, tuner.shared_tensor_names, MODEL_LEVEL_PREFIX,
+        keep={MODEL_LEVEL_PREFIX + name for name in tuner.model_tensors(adapter_name)},
+    )
+    tuner.before_load(adapter_name)
     slots = adapter_slots(tuner, adapter_name)
     unexpected = sorted(set(state_dict) - set(slots))
     missing = sorted(set(slots) - set(state_dict))

@@ -297,10 +297,6 @@ class BoneModel(AdapterModel):
         )
         return "BONE"
 
-    def prepare_state_dict_for_load(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        # MiSS checkpoints store the same tensor as ``miss_block``
-        return {(k[: -len("miss_block")] + "bone_block" if k.endswith(".miss_block") else k): v for k, v in state_dict.items()}
-
 
 register_method(BoneConfig, BoneModel)
 # PEFT >= 0.19 renamed Bone to MiSS (methods/miss.py); Bone adapters are saved in MiSS's format

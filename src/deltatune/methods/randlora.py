@@ -214,31 +214,13 @@ class RandLoraModel(AdapterModel):
                 holder.to(dtype=dtype)
 
     # ---------------------------------------------------------------- checkpoints
-    def extra_tensor_slots(self, adapter_name: str) -> dict[str, tuple[nn.Module, str]]:
+    shared_tensor_names = BASE_KEYS
+
+    def model_tensors(self, adapter_name: str) -> dict[str, tuple[nn.Module, str]]:
         config = self.peft_config.get(adapter_name)
         if config is None or not config.save_projection or adapter_name not in self._holders:
-            return {}
-        holder = self._holders[adapter_name]
-        return {f"base_model.{k}": (holder, k) for k in BASE_KEYS}
-
-    def prepare_state_dict_for_load(self, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        """Accept both PEFT layouts: bases at model level and/or a copy under every layer."""
-        out: dict[str, torch.Tensor] = {}
-        per_layer: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            attr = key.rsplit(".", 1)[-1]
-            if attr in BASE_KEYS and key != f"base_model.{attr}":
-                if attr in per_layer and not torch.equal(per_layer[attr], value):
-                    raise ValueError(f"The checkpoint holds different {attr} copies under different layers (e.g. {key})")
-                per_layer[attr] = value
-            else:
-                out[key] = value
-        for attr, value in per_layer.items():
-            out.setdefault(f"base_model.{attr}", value)
-        if not self.peft_config[adapter_name].save_projection:
-            for attr in BASE_KEYS:
-                out.pop(f"base_model.{attr}", None)  # regenerated from projection_prng_key
-        return out
+            return {}  # without save_projection the bases are regenerated from projection_prng_key
+        return {k: (self._holders[adapter_name], k) for k in BASE_KEYS}
 
     def config_for_save(self, adapter_name: str) -> dict[str, Any]:
         data = super().config_for_save(adapter_name)
