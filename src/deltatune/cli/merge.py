@@ -57,7 +57,7 @@ def parse_size(text: str) -> int:
 @contextlib.contextmanager
 def atomic_stream(path: Path) -> Iterator[Any]:
     """A binary file handle whose content replaces ``path`` only once it is complete and on disk."""
-    from deltatune.io.files import _fsync_dir
+    from deltatune.io.files import fsync_dir
 
     folder = path.resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def atomic_stream(path: Path) -> Iterator[Any]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(str(folder))
+    fsync_dir(str(folder))
 
 
 def _dtype_name(tensor: Any) -> str:

@@ -29,6 +29,13 @@ from .targeting import is_conv1d
 BASE_NAME = "__base__"  # per-sample adapter name meaning "no adapter" in mixed batches
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a name from ``named_parameters()`` is an adapter's own tensor: it lives in an
+    AdapterLayer's ``adapters`` or a ModulesToSaveWrapper's ``modules_to_save`` (the only two
+    containers that hold per-adapter tensors)."""
+    return any(part in ("adapters", "modules_to_save") for part in name.split(".")[:-1])
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """Geometry of the wrapped layer, in the (out, in) convention every delta works in."""
@@ -141,7 +148,7 @@ def _same_values(tensors: list[torch.Tensor], copies: list[torch.Tensor]) -> boo
     return True
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def is_sharded_tensor(t: Any) -> bool:
     """A DTensor: a parameter FSDP2 (``fully_shard``) holds sharded outside its module's forward."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: no DTensor can exist
     return dtensor is not None and isinstance(t, dtensor.DTensor)
@@ -419,7 +426,7 @@ class AdapterLayer(Switchable, nn.Module):
             )
         # a sharded weight would need a collective gather and scatter per layer; refuse it clearly
         # instead of failing deep inside DTensor (or silently working for some methods only)
-        sharded = [n for n, t in [("base_layer.weight", self.base_layer.weight), *self.adapters.named_parameters()] if _is_sharded(t)]
+        sharded = [n for n, t in [("base_layer.weight", self.base_layer.weight), *self.adapters.named_parameters()] if is_sharded_tensor(t)]
         if sharded:
             raise ValueError(
                 f"Cannot {action} adapters of this {type(self.base_layer).__name__}: {', '.join(sharded[:3])} are sharded "

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TunerConfig
-from .layer import BASE_NAME, AdapterLayer, Delta, LayerSpec, parameters_on_meta
+from .layer import BASE_NAME, AdapterLayer, Delta, LayerSpec, is_adapter_parameter, merge_error, parameters_on_meta
 from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from .targeting import DEFAULT_TARGETS, select_targets
 
@@ -31,6 +31,27 @@ class UnsupportedModuleError(TypeError, ValueError):
 
 def _is_wrapper(module: nn.Module) -> bool:
     return isinstance(module, AdapterLayer)
+
+
+def peel(model: Any) -> Iterator[nn.Module]:
+    """``model`` and the modules its wrappers hold, outermost first: DDP, DeepSpeed and accelerate
+    (``.module``), ``torch.compile`` (``._orig_mod``), a PeftModel (``.base_model``)."""
+    seen = model
+    for _ in range(8):
+        yield seen
+        children = getattr(seen, "__dict__", {}).get("_modules", {})
+        seen = next((children[k] for k in ("base_model", "module", "_orig_mod") if children.get(k) is not None), None)
+        if seen is None:
+            return
+
+
+def find_tuner(model: Any, cls: Optional[type["AdapterModel"]] = None) -> "AdapterModel":
+    """The ``<Method>Model`` (an instance of ``cls``, default any) inside ``model`` and its wrappers."""
+    cls = cls or AdapterModel
+    found = next((m for m in peel(model) if isinstance(m, cls)), None)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} holds no deltatune {cls.__name__}")
+    return found
 
 
 def _replace(model: nn.Module, key: str, new: nn.Module) -> None:
@@ -201,7 +222,7 @@ class AdapterModel(nn.Module):
 
     def _freeze_base(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
-            if ".adapters." not in name and ".modules_to_save." not in name:
+            if not is_adapter_parameter(name):
                 p.requires_grad_(False)
 
     def _apply_bias(self, model: nn.Module, config: TunerConfig) -> None:
@@ -301,7 +322,7 @@ class AdapterModel(nn.Module):
         for layer in self.adapter_layers():
             for name in adapter_names or layer.active_adapters:
                 if name in layer.adapters and name not in layer.merged_adapters and layer.adapters[name].has_nonfinite():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                    raise merge_error(name)
 
     def unmerge_adapter(self) -> None:
         for layer in self.adapter_layers():

@@ -48,9 +48,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..core.layer import AdapterLayer
+from ..core.layer import AdapterLayer, is_sharded_tensor
 from ..core.modules_to_save import ModulesToSaveWrapper
-from ..core.tuner import AdapterModel
+from ..core.tuner import AdapterModel, find_tuner, peel
 
 __all__ = [
     "barrier", "broadcast_buffers", "buffer_aliases", "check_replicated", "fully_shard_model",
@@ -87,33 +87,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     (``._orig_mod``) or accelerate wrappers: the first ``PeftModel`` or :class:`AdapterModel` found, else the innermost module."""
     from ..peft_model import PeftModel
 
-    seen = model
-    for _ in range(8):
-        if isinstance(seen, (PeftModel, AdapterModel)):
-            return seen
-        children = seen.__dict__.get("_modules", {})
-        inner = next((children[k] for k in ("module", "_orig_mod") if children.get(k) is not None), None)
-        if inner is None:
-            return seen
-        seen = inner
-    return seen
+    layers = list(peel(model))
+    return next((m for m in layers if isinstance(m, (PeftModel, AdapterModel))), layers[-1])
 
 
-def _tuner(model: nn.Module) -> AdapterModel:
-    inner = unwrap_model(model)
-    tuner = getattr(inner, "base_model", inner) if not isinstance(inner, AdapterModel) else inner
-    if not isinstance(tuner, AdapterModel):
-        raise TypeError(f"{type(model).__name__} holds no deltatune adapter model (PeftModel or <Method>Model)")
-    return tuner
-
-
-def is_sharded(tensor: Any) -> bool:
-    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2 outside its forward)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+is_sharded = is_sharded_tensor
 
 
 # ---------------------------------------------------------------------------------------- replicated state
@@ -205,7 +183,7 @@ def gathered_adapters(model: nn.Module) -> Iterator[None]:
     whole tensor (gathered from all ranks); the sharded parameters come back afterwards. Only adapter
     tensors are gathered, not the base weights. Collective: every rank must enter it. Read-only:
     changes inside are dropped."""
-    slots = _adapter_parameters(_tuner(model))
+    slots = _adapter_parameters(find_tuner(model))
     zero3 = [param for _, _, param in slots if hasattr(param, "ds_id")]  # DeepSpeed ZeRO-3 partitions
     with contextlib.ExitStack() as stack:
         if zero3:
@@ -312,7 +290,7 @@ def fully_shard_model(
     if mesh is not None:
         fsdp_kwargs["mesh"] = mesh
     if replicate_adapters is None:
-        replicate_adapters = callable(getattr(_tuner(root), "update_and_allocate", None))
+        replicate_adapters = callable(getattr(find_tuner(root), "update_and_allocate", None))
     ignored: set[nn.Parameter] = set()
     if replicate_adapters:
         ignored = {p for p in root.parameters() if p.requires_grad}

@@ -49,6 +49,8 @@ from transformers import Trainer, TrainerCallback
 from ..io.files import load_tensors, save_tensors
 from ..io.state_dict import set_peft_model_state_dict
 from ..methods.adalora import AdaLoraModel, find_adalora_model
+from .adalora import detach_optimizer, optimizer_attached
+from ..core.tuner import peel
 from ..peft_model import PeftModel
 
 __all__ = ["AdaLoraCallback", "AdapterTrainer", "AdapterTrainerMixin", "RESUME_NAME", "ALLOCATOR_NAME"]
@@ -64,15 +66,10 @@ _ALLOCATOR_FORMAT = "deltatune-adalora-allocator-1"
 
 def unwrap_peft_model(model: Any) -> PeftModel:
     """The deltatune ``PeftModel`` inside ``model`` (DDP / accelerate / compile wrappers peeled)."""
-    seen = model
-    for _ in range(8):
-        if isinstance(seen, PeftModel):
-            return seen
-        inner = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
-        if inner is None:
-            break
-        seen = inner
-    raise TypeError(f"expected a deltatune PeftModel (from deltatune.get_peft_model), got {type(model).__name__}")
+    found = next((m for m in peel(model) if isinstance(m, PeftModel)), None)
+    if found is None:
+        raise TypeError(f"expected a deltatune PeftModel (from deltatune.get_peft_model), got {type(model).__name__}")
+    return found
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

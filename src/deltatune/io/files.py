@@ -50,7 +50,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, corrupted, or not matching the model."""
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -126,7 +126,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -297,7 +297,7 @@ def _keep_backup(current: CheckpointFiles) -> None:
     os.replace(tmp, os.path.join(folder, _backup_name(name)))
     config_bytes = Path(current.config).read_bytes()
     os.replace(_write_temp(folder, CONFIG_NAME, config_bytes), os.path.join(folder, _backup_name(CONFIG_NAME)))
-    _fsync_dir(folder)  # the backups are on disk before the live files change
+    fsync_dir(folder)  # the backups are on disk before the live files change
 
 
 def save_checkpoint(
@@ -327,14 +327,14 @@ def save_checkpoint(
             if other != weights_name:
                 _remove(os.path.join(folder, other))
         os.replace(temps[1], os.path.join(folder, CONFIG_NAME))
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         for tmp in temps:
             _remove(tmp)
         raise
     for name in (*WEIGHT_NAMES, CONFIG_NAME):
         _remove(os.path.join(folder, _backup_name(name)))
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 # ---------------------------------------------------------------------------------- reading

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..core.layer import AdapterLayer
+from ..core.layer import AdapterLayer, is_adapter_parameter
 from ..core.modules_to_save import ModulesToSaveWrapper
 from .files import CheckpointError
 from .formats import collapse_shared_tensors, default_tensor_format, native_tensor_names
@@ -64,7 +64,7 @@ def bias_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
                 slots[f"{MODEL_PREFIX}{path}.base_layer.bias"] = (module.base_layer, "bias")
     elif config.bias == "all":
         for name, _ in tuner.model.named_parameters():
-            frozen_copy = any(part in name for part in (".adapters.", ".modules_to_save.", ".original_module."))
+            frozen_copy = is_adapter_parameter(name) or ".original_module." in name
             if (name == "bias" or name.endswith(".bias")) and not frozen_copy:
                 owner, _, attr = name.rpartition(".")
                 slots[MODEL_PREFIX + name] = (tuner.model.get_submodule(owner), attr)
