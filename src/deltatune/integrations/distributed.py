@@ -21,7 +21,8 @@ What holds, and why:
   or inside a delta: an ``AdapterLayer`` reads ``base_layer.weight`` outside the base layer's own
   forward (weight transforms such as BAT) and deltas are called through ``delta_out``, not
   ``forward``, so FSDP's unshard hooks would not run for them. It also checks that a buffer
-  registered under several names (one model-level copy of RandLoRA's bases seen from every layer)
+  registered under several names (RandLoRA's model-level bases: one holder, registered under the
+  name of every adapter that shares it)
   still shares one storage after wrapping: nothing was sharded or copied.
 * ``replicate_adapters=True`` keeps the adapter's parameters whole on every rank (FSDP's
   ``ignored_params``) and averages their gradients with one all-reduce per tensor during backward:
@@ -101,7 +102,7 @@ def _all_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def buffer_aliases(model: nn.Module) -> list[tuple[str, ...]]:
-    """Names that share one buffer storage (RandLoRA's model-level bases seen from every layer)."""
+    """Names that share one buffer storage (RandLoRA's bases, shared by the model's adapters)."""
     groups: dict[tuple[Any, int], list[str]] = {}
     for name, buf in _all_buffers(model):
         if buf.device.type == "meta":
