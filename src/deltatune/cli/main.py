@@ -36,6 +36,12 @@ def _task_names() -> list[str]:
     return ["auto", *TASKS]
 
 
+def _task_defaults(key: str) -> str:
+    from .tasks import TASKS
+
+    return ", ".join(f"{name}: {task.defaults[key]}" for name, task in TASKS.items())
+
+
 def _add_train_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
     data = p.add_argument_group("data and model (defaults: Rotten Tomatoes + all-MiniLM-L6-v2, offline)")
     data.add_argument("--model", help="local transformers folder or .gguf file (sequence classifier or causal LM)")
@@ -47,9 +53,9 @@ def _add_train_options(p: argparse.ArgumentParser, compare: bool = False) -> Non
     data.add_argument("--label-column", default="label")
     data.add_argument("--limit", type=int, help="use at most this many examples (quick runs)")
     run = p.add_argument_group("training")
-    run.add_argument("--steps", type=int, help="optimizer steps (classify: 300, lm: 60)")
-    run.add_argument("--batch-size", type=int, help="classify: 32, lm: 8")
-    run.add_argument("--max-length", type=int, help="tokens per example (classify: 64, lm: 96)")
+    run.add_argument("--steps", type=int, help="optimizer steps (" + _task_defaults("steps") + ")")
+    run.add_argument("--batch-size", type=int, help=_task_defaults("batch_size"))
+    run.add_argument("--max-length", type=int, help="tokens per example (" + _task_defaults("max_length") + ")")
     run.add_argument("--lr", type=float, help="adapter learning rate (default: per method, see `deltatune methods`)")
     run.add_argument("--head-lr", type=float, help="learning rate of the new classification head (default 5e-3)")
     run.add_argument("--weight-decay", type=float, default=0.0)
