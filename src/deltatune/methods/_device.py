@@ -63,3 +63,18 @@ def upcast_linear(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def kind(device: torch.device) -> str:
     """"cpu" where :func:`cache_sized` holds, else "accelerator": the device kind a cost model prices."""
     return "cpu" if cache_sized(device) else "accelerator"
+
+
+def gemm_dtype(device: torch.device, data_dtype: torch.dtype, master_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a method's large GEMMs run in, for activations of ``data_dtype`` and adapter
+    parameters (fp32 masters, usually) of ``master_dtype``.
+
+    On the CPU: ``master_dtype``, as the CPU kernels always did. On an accelerator, with a bf16
+    base and fp32 masters: bf16, the tensor cores' dtype (torch's bf16 matmul accumulates in fp32
+    and rounds the result once); the small parameters stay fp32 and are cast per call, their
+    gradients come back in their own dtype. fp16 bases keep fp32 GEMMs: fp16's range does not cover
+    the kernels' unnormalised intermediates (sums over thousands of tokens).
+    """
+    if cache_sized(device) or data_dtype != torch.bfloat16 or master_dtype != torch.float32:
+        return master_dtype
+    return torch.bfloat16

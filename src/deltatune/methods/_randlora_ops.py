@@ -306,11 +306,13 @@ def _mm_ut(H: Tensor, a2: Tensor, gamma: Tensor, budget: int) -> Tensor:
     return out
 
 
-def _grad_gamma(H: Tensor, X: Tensor, a2: Tensor, nb: int, budget: int) -> Tensor:
-    """``g[b, j] = sum_k A2[k, j] * (H.T @ X)[k * nb + b, j]`` for H (T x P), X (T x m)."""
+def _grad_gamma(H: Tensor, X: Tensor, a2: Tensor, nb: int, budget: int, acc: Optional[torch.dtype] = None) -> Tensor:
+    """``g[b, j] = sum_k A2[k, j] * (H.T @ X)[k * nb + b, j]`` for H (T x P), X (T x m); the sum
+    over k in ``acc`` (default: H's dtype)."""
     r, m = a2.shape
     P = r * nb
-    out = H.new_empty((nb, m))
+    acc = H.dtype if acc is None else acc
+    out = H.new_empty((nb, m), dtype=acc)
     w = _col_width(P, m, budget)
     buf = H.new_empty((P * w,))
     ht = H.t()
@@ -320,7 +322,7 @@ def _grad_gamma(H: Tensor, X: Tensor, a2: Tensor, nb: int, budget: int) -> Tenso
         torch.mm(ht, X[:, j0:j1], out=g)
         g3 = g.view(r, nb, j1 - j0)
         g3.mul_(a2[:, None, j0:j1])
-        torch.sum(g3, dim=0, out=out[:, j0:j1])
+        torch.sum(g3, dim=0, dtype=acc, out=out[:, j0:j1])
     return out
 
 
@@ -407,8 +409,10 @@ def _grads_from_g(
     need_lam: bool,
     need_gamma: bool,
     budget: int,
+    acc: Optional[torch.dtype] = None,
 ):
-    """Gradients of lam, gamma from ``G = left @ right = d loss / d (sl * Ut)`` (P x m).
+    """Gradients of lam, gamma from ``G = left @ right = d loss / d (sl * Ut)`` (P x m), summed in
+    ``acc`` (default: the operands' dtype).
 
     ``G`` is formed one column slab at a time: ``left`` is ``V.T`` with ``right = d loss / d W'``
     (``W' = V @ (sl * Ut)``), or ``(g @ V).T`` / ``(x @ V).T`` with ``right = x`` / ``g``.
@@ -419,8 +423,9 @@ def _grads_from_g(
     w = _col_width(P, m, budget)
     buf = left.new_empty((P * w,))
     tmp = left.new_empty((P * w,)) if need_lam else None
-    glam = left.new_zeros((r, nb)) if need_lam else None
-    ggamma = left.new_empty((nb, m)) if need_gamma else None
+    acc = left.dtype if acc is None else acc
+    glam = left.new_zeros((r, nb), dtype=acc) if need_lam else None
+    ggamma = left.new_empty((nb, m), dtype=acc) if need_gamma else None
     sl = (lam * scaling).unsqueeze(-1)
     for j0 in range(0, m, w):
         j1 = min(m, j0 + w)
@@ -431,38 +436,42 @@ def _grads_from_g(
         if need_lam:
             t3 = tmp[: P * (j1 - j0)].view(r, nb, j1 - j0)
             torch.mul(g3, gamma[None, :, j0:j1], out=t3)
-            glam += t3.sum(dim=-1)
+            glam += t3.sum(dim=-1, dtype=acc)
         if need_gamma:
             g3.mul_(sl)
-            torch.sum(g3, dim=0, out=ggamma[:, j0:j1])
+            torch.sum(g3, dim=0, dtype=acc, out=ggamma[:, j0:j1])
     if need_lam:
         glam.mul_(scaling)
     return glam, ggamma
 
 
 # --------------------------------------------------------------------------------------------
-# autograd functions (x is 2-D (T x in), everything in the compute dtype)
+# autograd functions (x is 2-D (T x in)). They compute in ``cdt``: the bases' dtype, or on an
+# accelerator with a bf16 base bf16 (_device.gemm_dtype). Parameters and bases come in their own
+# dtype and are cast inside (the saved tensors are then the parameters and the resident bases
+# themselves, not weight-sized cast copies); gradients go back in the parameters' dtype.
 # --------------------------------------------------------------------------------------------
 
 
 class _RandLoraFactored(torch.autograd.Function):
     @staticmethod
     @autocast_exempt
-    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, lean):
+    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, lean, cdt):
         # ``x`` comes in the compute dtype (CPU policy) or in its own dtype (``lean``: it is kept as
         # it is and cast again in the backward, exact, rather than kept as a compute-dtype copy)
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
-        ctx.x_dtype = x.dtype
-        xc = x.to(a2.dtype)
-        sl = (lam * scaling).reshape(-1)
+        ctx.x_dtype, ctx.cdt = x.dtype, cdt
+        xc = x.to(cdt)
+        lam_c, gamma_c, a2_c, v_c = (t.to(cdt) for t in (lam, gamma, a2, v))
+        sl = (lam_c * scaling).reshape(-1)
         if in_is_min:
-            h0 = _mm_ut_t(xc, a2, gamma, budget)  # x @ Ut.T
-            y = torch.mm(h0 * sl, v.t())
+            h0 = _mm_ut_t(xc, a2_c, gamma_c, budget)  # x @ Ut.T
+            y = torch.mm(h0 * sl, v_c.t())
             keep_x = x if need_gamma else None
             keep_h = h0 if need_lam else None
         else:
-            h0 = torch.mm(xc, v)  # x @ V
-            y = _mm_ut(h0 * sl, a2, gamma, budget)
+            h0 = torch.mm(xc, v_c)  # x @ V
+            y = _mm_ut(h0 * sl, a2_c, gamma_c, budget)
             keep_x = None
             keep_h = h0 if (need_lam or need_gamma) else None
         ctx.save_for_backward(keep_x, lam, gamma, a2, v, keep_h)
@@ -475,7 +484,10 @@ class _RandLoraFactored(torch.autograd.Function):
     def backward(ctx, gy):
         x, lam, gamma, a2, v, h0 = ctx.saved_tensors
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
-        s, budget = ctx.scaling, ctx.budget
+        s, budget, cdt = ctx.scaling, ctx.budget, ctx.cdt
+        lam_dtype, gamma_dtype = lam.dtype, gamma.dtype
+        lam, gamma, a2, v = (t.to(cdt) for t in (lam, gamma, a2, v))
+        gy = gy.to(cdt)
         r, nb = lam.shape
         sl = (lam * s).reshape(-1)
         gx = glam = ggamma = None
@@ -483,44 +495,47 @@ class _RandLoraFactored(torch.autograd.Function):
             # y = (h0 * sl) @ V.T with h0 = x @ Ut.T
             gh = torch.mm(gy, v)
             if need_lam:
-                glam = (gh * h0).sum(dim=0).mul_(s).view(r, nb)
+                glam = (gh * h0).sum(dim=0, dtype=lam_dtype).mul_(s).view(r, nb)
             gh.mul_(sl)  # d loss / d h0
             if x is not None:
-                x = x.to(a2.dtype)
+                x = x.to(cdt)
             if need_x and need_gamma and r >= _SHARED_GRAD_MIN_R and not ctx.lean:
                 gx, ggamma = _grad_x_gamma(gh, x, a2, gamma, budget)
             else:
                 if need_x:
                     gx = _mm_ut(gh, a2, gamma, budget)
                 if need_gamma:
-                    ggamma = _grad_gamma(gh, x, a2, nb, budget)
+                    ggamma = _grad_gamma(gh, x, a2, nb, budget, gamma_dtype)
         else:
             # y = (h0 * sl) @ Ut with h0 = x @ V
             if need_x or need_lam:
                 gz = _mm_ut_t(gy, a2, gamma, budget)  # d loss / d (h0 * sl)
                 if need_lam:
-                    glam = (gz * h0).sum(dim=0).mul_(s).view(r, nb)
+                    glam = (gz * h0).sum(dim=0, dtype=lam_dtype).mul_(s).view(r, nb)
                 if need_x:
                     gx = torch.mm(gz.mul_(sl), v.t())
                 del gz
             if need_gamma:
-                ggamma = _grad_gamma(h0 * sl, gy, a2, nb, budget)
+                ggamma = _grad_gamma(h0 * sl, gy, a2, nb, budget, gamma_dtype)
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
-        return gx, glam, ggamma, None, None, None, None, None, None
+        glam = None if glam is None else glam.to(lam_dtype)
+        ggamma = None if ggamma is None else ggamma.to(gamma_dtype)
+        return gx, glam, ggamma, None, None, None, None, None, None, None
 
 
 class _RandLoraMaterialized(torch.autograd.Function):
     @staticmethod
     @autocast_exempt
-    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, lean, weight, bias):
+    def forward(ctx, x, lam, gamma, a2, v, scaling, in_is_min, budget, lean, weight, bias, cdt):
         # ``lean`` (accelerator policy): x kept in its own dtype and W + delta_W rebuilt in the
         # backward (one P*M*m GEMM) instead of kept (a weight-sized compute-dtype matrix)
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
         need_w = ctx.needs_input_grad[9]
-        ctx.x_dtype = x.dtype
-        dw = _build_delta(lam, gamma, a2, v, scaling, in_is_min, budget * _MAT_CHUNK_FACTOR, base=weight)
-        y = F.linear(x.to(a2.dtype), dw, bias)
+        ctx.x_dtype, ctx.cdt = x.dtype, cdt
+        lam_c, gamma_c, a2_c, v_c = (t.to(cdt) for t in (lam, gamma, a2, v))
+        dw = _build_delta(lam_c, gamma_c, a2_c, v_c, scaling, in_is_min, budget * _MAT_CHUNK_FACTOR, base=weight)
+        y = F.linear(x.to(cdt), dw, bias)
         keep_x = x if (need_lam or need_gamma or need_w) else None
         keep_dw = dw if need_x and not lean else None
         ctx.save_for_backward(keep_x, keep_dw, lam, gamma, a2, v, weight if need_x and lean else None)
@@ -534,9 +549,13 @@ class _RandLoraMaterialized(torch.autograd.Function):
         x, dw, lam, gamma, a2, v, weight = ctx.saved_tensors
         need_x, need_lam, need_gamma = ctx.needs_input_grad[:3]
         need_w, need_b = ctx.needs_input_grad[9:11]
+        cdt = ctx.cdt
+        lam_dtype, gamma_dtype = lam.dtype, gamma.dtype
+        lam, gamma, a2, v = (t.to(cdt) for t in (lam, gamma, a2, v))
+        gy = gy.to(cdt)
         gx = glam = ggamma = gw = gb = None
         if x is not None:
-            x = x.to(a2.dtype)
+            x = x.to(cdt)
         if need_x:
             if dw is None:  # lean: rebuilt, not kept
                 dw = _build_delta(lam, gamma, a2, v, ctx.scaling, ctx.in_is_min, ctx.budget * _MAT_CHUNK_FACTOR, base=weight)
@@ -556,14 +575,17 @@ class _RandLoraMaterialized(torch.autograd.Function):
                     gw_full = torch.mm(gy.t(), x)
                 left, right = v.t(), (gw_full if ctx.in_is_min else gw_full.t())
             glam, ggamma = _grads_from_g(
-                left, right, lam, gamma, a2, ctx.scaling, need_lam, need_gamma, ctx.budget * _MAT_CHUNK_FACTOR
+                left, right, lam, gamma, a2, ctx.scaling, need_lam, need_gamma, ctx.budget * _MAT_CHUNK_FACTOR,
+                torch.promote_types(lam_dtype, gamma_dtype),
             )
             del left, right
+            glam = None if glam is None else glam.to(lam_dtype)
+            ggamma = None if ggamma is None else ggamma.to(gamma_dtype)
         if need_w:
             gw = gw_full
         if need_b:
             gb = gy.sum(dim=0)
-        return gx, glam, ggamma, None, None, None, None, None, None, gw, gb
+        return gx, glam, ggamma, None, None, None, None, None, None, gw, gb, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,15 +699,16 @@ def randlora_linear(
     * ``chunk_elems``: scratch slab size (elements) for the scaled basis; default
       :data:`CHUNK_ELEMS` on the CPU, the whole basis on other devices (module docstring).
 
-    The result is in the bases' dtype (with a base of another dtype, in the promoted dtype).
+    The result is in the compute dtype: the bases' dtype, or bf16 for a bf16 ``x`` on an
+    accelerator (:func:`._device.gemm_dtype`); with a base of another dtype, the promoted dtype.
     """
     if path not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, expected in_features={in_features}")
     a2, v, r, nb, m, M = _layer_views(lam, gamma, A, B, in_features, out_features)
-    cdt = A.dtype
     lean = not _device.cache_sized(x.device)
+    cdt = _device.gemm_dtype(x.device, x.dtype, A.dtype)
     budget = _budget(chunk_elems, x.device)
     scaling = float(scaling)
     in_is_min = m == in_features
@@ -693,8 +716,10 @@ def randlora_linear(
     x2 = x.reshape(-1, in_features)
     # the kernels cast x themselves; the CPU policy hands them (and keeps) the compute-dtype copy
     xc = x2 if x2.dtype == cdt or lean else x2.to(cdt)
-    lam_c = lam if lam.dtype == cdt else lam.to(cdt)
-    gamma_c = gamma if gamma.dtype == cdt else gamma.to(cdt)
+    # the CPU policy hands the kernels compute-dtype parameters; the accelerator's keep their own
+    # dtype (fp32 masters cast inside, gradients in fp32)
+    lam_c = lam if lam.dtype == cdt or lean else lam.to(cdt)
+    gamma_c = gamma if gamma.dtype == cdt or lean else gamma.to(cdt)
 
     has_base = base_weight is not None
     if not has_base and base_bias is not None:
@@ -731,14 +756,14 @@ def randlora_linear(
     if path == "materialized":
         if fusable:
             y = _RandLoraMaterialized.apply(
-                xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, base_weight, base_bias
+                xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, base_weight, base_bias, cdt
             )
         else:
-            y = _RandLoraMaterialized.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, None, None)
+            y = _RandLoraMaterialized.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, None, None, cdt)
             if has_base:
                 y = _base_out() + y
     else:
-        y = _RandLoraFactored.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean)
+        y = _RandLoraFactored.apply(xc, lam_c, gamma_c, a2, v, scaling, in_is_min, budget, lean, cdt)
         if has_base:
             base = _base_out()
             # F.linear's backward does not need its output, so accumulating in place is safe.
