@@ -101,7 +101,7 @@ class FourierDelta(Delta):
         # the index plan of both paths (sparse maps, dense ΔW), derived from the positions: two flat
         # integer buffers that move with the module (dtype casts leave them alone); the layout (Python
         # ints) is the same on every device, so a module on meta views its shape-only buffers alike
-        built = plan()
+        built = FourierPlan.from_positions(self.indices, O, I)  # the positions just derived (CPU)
         self._plan_spec = built.spec
         self.register_derived("plan_index", lambda: plan().index, value=built.index)
         self.register_derived("plan_csr", lambda: plan().csr, value=built.csr)
