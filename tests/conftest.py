@@ -38,3 +38,23 @@ def _seed():
     torch.manual_seed(0)
     warnings.simplefilter("default")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs single-threaded (the models and tensors here are tiny: intra-op threads only
+    add synchronisation cost, which explodes on a loaded machine); the previous count comes back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def peft018():
+    """One PEFT 0.18.1 worker process (tests/peft_runner.py) for every job of the session."""
+    from peft_compat import PeftWorker
+
+    worker = PeftWorker()
+    yield worker
+    worker.close()

@@ -1,5 +1,5 @@
 """examples/accelerate_train.py works: two processes under ``accelerate launch`` (DDP over gloo on
-CPU), and one process for every method (issue 7, item 3)."""
+CPU), and one process for every method."""
 
 from __future__ import annotations
 

@@ -21,15 +21,6 @@ from models import MLP, mlp_input, tiny_gpt2, tiny_llama, token_input
 SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the models here are tiny: one thread is faster than several fighting over a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(**kw):
     return dt.AdaLoraConfig(**{**SCHEDULE, **kw})
 

@@ -19,14 +19,6 @@ SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(make_base, seed=1, **config):
     """The same base model adapted by PEFT and by deltatune, each right after ``manual_seed(seed)``."""
     torch.manual_seed(seed)

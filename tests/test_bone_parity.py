@@ -1,6 +1,9 @@
 """Bone/BAT checkpoints cross between deltatune and PEFT 0.18.1 (the last release with Bone) in both
 directions with identical outputs (deltatune writes the Bone format on request: peft_format="BONE");
-PEFT 0.21.2's MiSS checkpoints load as MiSS (tests/test_miss_parity.py has the rest)."""
+PEFT 0.21.2's MiSS checkpoints load as MiSS (tests/test_miss_parity.py has the rest).
+
+PEFT 0.18.1 runs in one worker process for the whole session (the ``peft018`` fixture), PEFT 0.21.2
+in this process."""
 
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ IDS = [f"{m}-{c.get('init_weights', True)}-{c['r']}-{len(c['target_modules']) if
 
 
 @pytest.mark.parametrize("model_kind,config", BONE_CONFIGS, ids=IDS)
-def test_peft_checkpoint_loads_with_identical_outputs(model_kind, config, tmp_path):
-    run_peft({"model": model_kind, "action": "create", "config": config, "dir": str(tmp_path), "seed": 3}, "0.18.1")
+def test_peft_checkpoint_loads_with_identical_outputs(model_kind, config, tmp_path, peft018):
+    peft018.run({"model": model_kind, "action": "create", "config": config, "dir": str(tmp_path), "seed": 3})
     expected = load_file(tmp_path / "outputs.safetensors")["out"]
     base, inputs = build(model_kind)
     model = dt.PeftModel.from_pretrained(base, tmp_path)
@@ -39,7 +42,7 @@ def test_peft_checkpoint_loads_with_identical_outputs(model_kind, config, tmp_pa
 
 
 @pytest.mark.parametrize("model_kind,config", BONE_CONFIGS, ids=IDS)
-def test_our_checkpoint_loads_in_peft_with_identical_outputs(model_kind, config, tmp_path):
+def test_our_checkpoint_loads_in_peft_with_identical_outputs(model_kind, config, tmp_path, peft018):
     base, inputs = build(model_kind)
     config = dt.PeftConfig.from_peft_type(**config)
     model = dt.get_peft_model(base, config)
@@ -51,7 +54,7 @@ def test_our_checkpoint_loads_in_peft_with_identical_outputs(model_kind, config,
     model.save_pretrained(tmp_path, peft_format="BONE")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "BONE" and saved["inference_mode"] is True
-    run_peft({"model": model_kind, "action": "load", "dir": str(tmp_path), "merge": True}, "0.18.1")
+    peft018.run({"model": model_kind, "action": "load", "dir": str(tmp_path), "merge": True})
     got = load_file(tmp_path / "peft_outputs.safetensors")
     assert (got["out"] - expected).abs().max().item() <= 1e-5
     assert (got["merged"] - expected).abs().max().item() <= 1e-5
@@ -60,7 +63,7 @@ def test_our_checkpoint_loads_in_peft_with_identical_outputs(model_kind, config,
 @pytest.mark.parametrize("init_weights", [True, "bat"])
 def test_miss_checkpoint_from_peft_0_21_loads_as_miss(init_weights, tmp_path):
     config = {"peft_type": "MISS", "r": 4, "target_modules": ["lin1"], "init_weights": init_weights}
-    run_peft({"model": "mlp", "action": "create", "config": config, "dir": str(tmp_path), "seed": 1}, "0.21.2")
+    run_peft({"model": "mlp", "action": "create", "config": config, "dir": str(tmp_path), "seed": 1})
     expected = load_file(tmp_path / "outputs.safetensors")["out"]
     base, inputs = build("mlp")
     model = dt.PeftModel.from_pretrained(base, tmp_path)
@@ -70,7 +73,7 @@ def test_miss_checkpoint_from_peft_0_21_loads_as_miss(init_weights, tmp_path):
 
 def test_miss_mini_from_peft_0_21_loads(tmp_path):
     config = {"peft_type": "MISS", "r": 4, "target_modules": ["lin1"], "init_weights": "mini", "mini_r": 2}
-    run_peft({"model": "mlp", "action": "create", "config": config, "dir": str(tmp_path), "seed": 1}, "0.21.2")
+    run_peft({"model": "mlp", "action": "create", "config": config, "dir": str(tmp_path), "seed": 1})
     expected = load_file(tmp_path / "outputs.safetensors")["out"]
     base, inputs = build("mlp")
     model = dt.PeftModel.from_pretrained(base, tmp_path)

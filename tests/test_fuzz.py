@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) over configs and checkpoint contents (issue 8).
+"""Property-based tests (hypothesis) over configs and checkpoint contents.
 
 Whatever a config or a checkpoint folder holds, deltatune either works or raises one of its
 documented errors, and a failed load leaves the model exactly as it was:

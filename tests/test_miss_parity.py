@@ -1,6 +1,6 @@
 """MiSS (PEFT >= 0.19's name for Bone) against the real PEFT 0.21.2, imported here; Bone adapters
 written in MiSS format (the default) and in PEFT 0.18.1's Bone format (on request, checked through
-the 0.18.1 runner); every MiSS variant round-trips with identical outputs."""
+the PEFT 0.18.1 worker process); every MiSS variant round-trips with identical outputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import deltatune as dt
 from conftest import build, out_of
 from models import randomize_adapters
-from peft_compat import run_peft
 
 MISS_CONFIGS = [
     {"r": 4, "target_modules": ["lin0", "lin1"]},
@@ -95,7 +94,7 @@ def test_miss_dropout_drops_only_while_training():
 
 
 @pytest.mark.parametrize("init_weights", [True, "bat"])
-def test_bone_is_saved_as_miss_for_peft_0_21_and_as_bone_on_request(init_weights, tmp_path):
+def test_bone_is_saved_as_miss_for_peft_0_21_and_as_bone_on_request(init_weights, tmp_path, peft018):
     base, inputs = build("mlp")
     model = dt.get_peft_model(base, dt.BoneConfig(r=4, target_modules=["lin1"], init_weights=init_weights))
     randomize_adapters(model, seed=2)
@@ -116,7 +115,7 @@ def test_bone_is_saved_as_miss_for_peft_0_21_and_as_bone_on_request(init_weights
     here = dt.PeftModel.from_pretrained(build("mlp")[0], tmp_path / "bone")
     assert isinstance(here.peft_config["default"], dt.BoneConfig)
     torch.testing.assert_close(out_of(here, inputs), expected, rtol=1e-5, atol=1e-6)  # BAT: cached weight
-    run_peft({"model": "mlp", "action": "load", "dir": str(tmp_path / "bone"), "merge": True}, "0.18.1")
+    peft018.run({"model": "mlp", "action": "load", "dir": str(tmp_path / "bone"), "merge": True})
     got = load_file(tmp_path / "bone" / "peft_outputs.safetensors")
     torch.testing.assert_close(got["out"], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["merged"], expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Scale features over every method (issue 7, items 4-7): mixed-adapter batches, fp16/bf16 base
+"""Scale features over every method: mixed-adapter batches, fp16/bf16 base
 models, torch.compile, and the README's support table checked cell by cell.
 
 Cases come from tests/cases.py: ``representative`` keeps the first case of each method variant on
