@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.peft_model import PeftMixedModel
 from conftest import build, out_of
 from models import randomize_adapters, tiny_llama, token_input
 
@@ -215,3 +216,70 @@ def test_adapter_for_other_layer_shapes_is_refused(method, width, other_width, t
     loaded = dt.PeftModel.from_pretrained(mlp(width), tmp_path)  # the right shapes load
     x = torch.randn(3, width)
     torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def _adalora_folders(tmp_path):
+    """Two trained-looking AdaLoRA adapters saved by PEFT, on different layers."""
+    folders = []
+    for i, target in enumerate(["lin0", "lin1"]):
+        torch.manual_seed(10 + i)
+        config = peft.AdaLoraConfig(target_modules=[target], init_lora_weights=False, total_step=1, init_r=4, target_r=2)
+        model = peft.get_peft_model(build("mlp")[0], config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_E" in name:
+                    p.copy_(torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"a{i}")
+        folders.append(tmp_path / f"a{i}")
+    return folders
+
+
+def test_mixed_model_matches_peft(tmp_path):
+    folders = _adalora_folders(tmp_path)
+    inputs = build("mlp")[1]
+    outs = {}
+    for lib in (peft, dt):
+        cls = peft.PeftMixedModel if lib is peft else PeftMixedModel
+        mixed = cls.from_pretrained(build("mlp")[0], folders[0], adapter_name="a0")
+        mixed.load_adapter(folders[1], adapter_name="a1")
+        assert mixed.active_adapters == ["a0"]  # a loaded adapter is not activated
+        first = out_of(mixed, inputs)
+        mixed.set_adapter(["a1", "a0"])
+        both = out_of(mixed, inputs)
+        with mixed.disable_adapter():
+            base = out_of(mixed, inputs)
+        outs[lib.__name__] = (first, both, base)
+    for ours, theirs in zip(outs["deltatune"], outs["peft"]):
+        torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(outs["deltatune"][0], outs["deltatune"][1])
+
+
+def test_get_peft_model_mixed(tmp_path):
+    base = build("mlp")[0]
+    x = build("mlp")[1]
+    reference = out_of(base, x)
+    config = dt.AdaLoraConfig(target_modules=["lin0"], init_lora_weights=False, total_step=1)
+    mixed = dt.get_peft_model(base, config, mixed=True)
+    assert type(mixed).__name__ == "PeftMixedModel" and mixed.active_adapters == ["default"]
+    # two trainable AdaLoRA adapters are allowed in a mixed model (AdaLoraModel refuses a second)
+    mixed.add_adapter("other", dt.AdaLoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False, total_step=1))
+    with pytest.raises(ValueError, match="already exists"):
+        mixed.add_adapter("other", dt.AdaLoraConfig(target_modules=["lin1"], total_step=1))
+    mixed.set_adapter(["default", "other"])
+    both = out_of(mixed, x)
+    assert not torch.allclose(both, reference)
+    trainable = {n for n, p in mixed.named_parameters() if p.requires_grad}
+    assert any(".default" in n for n in trainable) and any(".other" in n for n in trainable)
+    with pytest.raises(ValueError, match=r"\['nope'\] not found"):
+        mixed.set_adapter(["default", "nope"])
+    with pytest.raises(NotImplementedError, match="Saving is not supported"):
+        mixed.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="get_layer_status is not supported"):
+        mixed.get_layer_status()
+    for other in (dt.FourierFTConfig(target_modules=["lin0"]), dt.MissConfig(target_modules=["lin0"])):
+        with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
+            mixed.add_adapter("x", other)
+        with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
+            dt.get_peft_model(build("mlp")[0], other, mixed=True)
+    merged = mixed.merge_and_unload()
+    torch.testing.assert_close(out_of(merged, x), both)

@@ -462,6 +462,176 @@ TASK_WRAPPERS: dict[Optional[str], type[PeftModel]] = {
 }
 
 
+# ------------------------------------------------------------------------------------ mixed adapters
+
+# PEFT's PeftMixedModel accepts LORA, LOHA, LOKR, ADALORA, OFT and SHIRA adapters; of deltatune's
+# methods that leaves AdaLoRA (FourierFT, RandLoRA, Bone and MiSS are refused by PEFT too)
+PEFT_MIXED_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA", "OFT", "SHIRA")
+MIXED_COMPATIBLE = ("ADALORA",)
+
+
+def _check_mixed_compatible(config: TunerConfig) -> None:
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type not in MIXED_COMPATIBLE:
+        raise ValueError(
+            f"The provided `peft_type` '{peft_type}' is not compatible with the `PeftMixedModel`. Compatible types are: "
+            f"{PEFT_MIXED_TYPES} (PEFT's list); deltatune implements {MIXED_COMPATIBLE[0]} of them (LoRA, LoHa, LoKr, "
+            "OFT and SHiRA are not deltatune methods)"
+        )
+
+
+def _mixed_tuner_cls() -> type[AdapterModel]:
+    """AdaLoRA's tuner without its training rules, as PEFT's MixedModel runs AdaLoRA layers: several
+    adapters may be active (and trainable) at once, and the loss is left as the model returns it
+    (no orthogonal regulariser; rank allocation is an AdaLoraModel feature, not a mixed-model one)."""
+    global _MIXED_TUNER
+    if _MIXED_TUNER is None:
+        base = method_for("ADALORA").model_cls
+
+        class MixedAdaLoraModel(base):  # type: ignore[misc, valid-type]
+            def check_new_adapter(self, config: TunerConfig, adapter_name: str) -> None:
+                _check_mixed_compatible(config)
+
+            def forward(self, *args: Any, **kwargs: Any) -> Any:
+                return AdapterModel.forward(self, *args, **kwargs)
+
+        _MIXED_TUNER = MixedAdaLoraModel
+    return _MIXED_TUNER
+
+
+_MIXED_TUNER: Optional[type[AdapterModel]] = None
+
+
+class PeftMixedModel(nn.Module):
+    """Several adapters active together on one model, for inference (PEFT's ``PeftMixedModel``).
+
+    As in PEFT: adapters are added with :meth:`add_adapter` or :meth:`load_adapter`, none becomes
+    active until :meth:`set_adapter` names it (a list activates several), and saving is not
+    supported. Among deltatune's methods only AdaLoRA adapters can be mixed (PEFT's list of mixable
+    types holds no other of them)."""
+
+    def __init__(self, model: nn.Module, peft_config: TunerConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        _check_mixed_compatible(peft_config)
+        self.base_model: AdapterModel = _mixed_tuner_cls()(model, {adapter_name: peft_config}, adapter_name)
+        if getattr(model, "is_gradient_checkpointing", False):
+            PeftModel._enable_input_grads(model)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "pretraining_tp"):
+            cfg.pretraining_tp = 1
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    get_nb_trainable_parameters = PeftModel.get_nb_trainable_parameters
+    print_trainable_parameters = PeftModel.print_trainable_parameters
+    get_base_model = PeftModel.get_base_model
+    forward = PeftModel.forward
+    generate = PeftModel.generate
+    _load_weights = PeftModel._load_weights
+
+    @property
+    def peft_config(self) -> dict[str, TunerConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block; every adapter layer is enabled after it."""
+        try:
+            self.base_model.disable_adapter_layers()
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = set(names) - set(self.peft_config)
+        if unknown:
+            raise ValueError(f"Adapter(s) {sorted(unknown)} not found, available adapters: {sorted(self.peft_config)}")
+
+    def add_adapter(self, adapter_name: str, peft_config: TunerConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add an adapter (not activated: :meth:`set_adapter` does that)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        _check_mixed_compatible(peft_config)
+        previous = self.base_model.autocast_adapter_dtype
+        self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            self.base_model.inject_adapter(self.base_model.model, adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        finally:
+            self.base_model.autocast_adapter_dtype = previous
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate the named adapter(s); they run in the order they were added, whatever the order here."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        self.base_model.set_adapter(names, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        for name in names:
+            self.base_model.delete_adapter(name)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return self.base_model.merge_and_unload(*args, **kwargs)
+
+    def unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return self.base_model.unload(*args, **kwargs)
+
+    def get_layer_status(self) -> None:
+        raise TypeError(f"get_layer_status is not supported for {type(self).__name__}.")
+
+    def get_model_status(self) -> None:
+        raise TypeError(f"get_model_status is not supported for {type(self).__name__}.")
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        raise NotImplementedError(f"Model card creation is not supported for {type(self).__name__} (yet).")
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = False, selected_adapters: Optional[list[str]] = None,
+                        **kwargs: Any) -> None:
+        raise NotImplementedError(f"Saving is not supported for {type(self).__name__} (yet).")
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     low_cpu_mem_usage: bool = False, **kwargs: Any) -> None:
+        """Add a saved adapter (an AdaLoRA folder written by PEFT or deltatune) under ``adapter_name``."""
+        files = checkpoint_files(resolve_local_dir(model_id, kwargs.pop("subfolder", None)))
+        config = _read_config(files)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            self._load_weights(files, adapter_name, low_cpu_mem_usage, kwargs.get("torch_device"))
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[TunerConfig] = None, **kwargs: Any) -> "PeftMixedModel":
+        files = checkpoint_files(resolve_local_dir(model_id, kwargs.pop("subfolder", None)))
+        if config is None:
+            config = _read_config(files)
+        elif not isinstance(config, PeftConfig):
+            raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
+        config.inference_mode = not is_trainable
+        mixed = cls(model, config, adapter_name)
+        mixed._load_weights(files, adapter_name, kwargs.get("low_cpu_mem_usage", False), kwargs.get("torch_device"))
+        return mixed
+
+
 def get_peft_model(
     model: nn.Module,
     peft_config: TunerConfig,
@@ -470,10 +640,11 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True,
     revision: Optional[str] = None,
     low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config``."""
+) -> "PeftModel | PeftMixedModel":
+    """Wrap ``model`` with a new adapter described by ``peft_config``; ``mixed=True`` gives a
+    :class:`PeftMixedModel` (AdaLoRA only, as PEFT's mixed model among deltatune's methods)."""
     if mixed:
-        raise NotImplementedError("deltatune has no PeftMixedModel: all adapters of a model share one peft_type")
+        _check_mixed_compatible(peft_config)
     if any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in model.modules()):
         warnings.warn(
             "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
@@ -489,5 +660,7 @@ def get_peft_model(
     peft_config.base_model_name_or_path = name or None
     if revision is not None:
         peft_config.revision = revision
+    if mixed:
+        return PeftMixedModel(model, peft_config, adapter_name)
     wrapper = TASK_WRAPPERS.get(peft_config.task_type, PeftModel)
     return wrapper(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
