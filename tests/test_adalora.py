@@ -4,6 +4,7 @@ ways the allocator runs (by hand, after each optimizer step, inside transformers
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 from types import SimpleNamespace
@@ -14,7 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import peft  # noqa: E402  (a pinned test dependency: imported, never skipped)
+
 import deltatune as dt
+from deltatune.integrations.adalora import attach_optimizer, detach_optimizer, optimizer_attached
 from deltatune.methods._adalora_alloc import orthogonal_regularization as reference_orth_reg
 from models import MLP, mlp_input, tiny_gpt2, tiny_llama, token_input
 
@@ -102,34 +106,95 @@ def _peft_style(**overrides):
     return data
 
 
-def test_peft_lora_fields_at_defaults_load_silently():
+def _peft_file(tmp_path, **overrides):
+    """An adapter_config.json written by PEFT 0.21.2 itself (every LoRA field present)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, target_modules=["lin0"], **overrides)
+    config.save_pretrained(str(tmp_path))
+    return json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def test_peft_lora_fields_at_defaults_load_silently(tmp_path):
+    written = _peft_file(tmp_path)
+    assert {"r", "lora_alpha", "use_rslora", "layers_to_transform", "lora_bias", "use_qalora", "loftq_config",
+            "ensure_weight_tying", "trainable_token_indices"} <= set(written)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        config = dt.PeftConfig.from_peft_type(**_peft_style())
-    assert isinstance(config, dt.AdaLoraConfig) and config.rank_pattern is None
-    assert "r" not in config.to_dict() and "use_dora" not in config.to_dict()
+        config = dt.PeftConfig.from_pretrained(str(tmp_path))
+        from_dict = dt.PeftConfig.from_peft_type(**_peft_style())
+    assert isinstance(config, dt.AdaLoraConfig) and config.rank_pattern is None and from_dict.rank_pattern is None
+    assert (config.init_r, config.target_r, config.r, config.use_rslora) == (4, 2, 8, False)
+    # the files written here stay as they were: LoRA fields at their defaults are left out
+    assert "r" not in config.to_dict() and "use_dora" not in config.to_dict() and "loftq_config" not in config.to_dict()
+    model = dt.get_peft_model(_mlp(), config)
+    assert model.base_model.triplets()["lin0"][0].shape == (4, 10)
+
+
+def test_r_is_accepted_with_a_warning_and_ignored(tmp_path):
+    with pytest.warns(UserWarning, match=r"ignores r=10.*`init_r`"):
+        config = dt.AdaLoraConfig(r=10, init_r=4, target_r=2, total_step=10, target_modules=["lin0"])
+    assert config.r == 10 and config.to_dict()["r"] == 10  # written like PEFT writes it
+    with pytest.warns(UserWarning, match="ignores r=16"):
+        replaced = dataclasses.replace(config, r=16)
+    assert replaced.r == 16 and replaced.init_r == 4
+    model = dt.get_peft_model(_mlp(), config)
+    assert model.base_model.triplets()["lin0"][0].shape == (4, 10)  # the rank is init_r
+    with pytest.warns(UserWarning, match="ignores r=12"):  # PEFT's own file with r set loads too
+        loaded = dt.PeftConfig.from_peft_type(**_peft_file(tmp_path, r=12))
+    assert loaded.r == 12 and loaded.init_r == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataclasses.replace(dt.AdaLoraConfig(total_step=10), total_step=20).total_step == 20
+
+
+@pytest.mark.parametrize("kw", [dict(use_dora=True), dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4})])
+def test_dora_and_loftq_are_refused_as_in_peft(kw):
+    with pytest.raises(ValueError, match="use_dora" if "use_dora" in kw else "LoftQ"):
+        dt.AdaLoraConfig(total_step=10, **kw)
+    with pytest.raises(ValueError):  # PEFT refuses the same configs
+        peft.AdaLoraConfig(total_step=10, **kw)
+    with pytest.raises(ValueError, match="use_dora" if "use_dora" in kw else "LoftQ"):
+        dt.PeftConfig.from_peft_type(**_peft_style(**kw))
+
+
+def test_loftq_config_without_loftq_init_is_dropped_as_in_peft():
+    with pytest.warns(UserWarning, match="loftq_config is ignored"):
+        config = dt.AdaLoraConfig(total_step=10, loftq_config={"loftq_bits": 4})
+    with pytest.warns(UserWarning, match="will be ignored"):
+        theirs = peft.AdaLoraConfig(total_step=10, loftq_config={"loftq_bits": 4})
+    assert config.loftq_config == theirs.loftq_config == {}
 
 
 @pytest.mark.parametrize(
     "field,value,outcome",
     [
-        ("r", 16, "Note that `r` is not used in AdaLora and will be ignored"),
-        ("use_rslora", True, "use_rslora=True is ignored"),
-        ("alpha_pattern", {"lin0": 4}, "alpha_pattern=.* is ignored"),
-        ("use_dora", True, ValueError("PeftType.ADALORA does not support DoRA.")),
-        ("loftq_config", {"loftq_bits": 4}, ValueError("PeftType.ADALORA does not support LOFTQ.")),
+        ("r", 16, "ignores r=16"),
+        ("use_rslora", True, "ignores use_rslora=True"),
+        ("lora_bias", True, "ignores lora_bias=True"),
+        ("use_qalora", True, "ignores use_qalora=True"),
+        ("alpha_pattern", {"lin0": 4}, "ignores alpha_pattern=.*"),
         ("layer_replication", [[0, 1]], ValueError("layer_replication")),
         ("target_parameters", ["lin0.weight"], ValueError("target_parameters")),
+        ("trainable_token_indices", [1, 2], ValueError("trainable_token_indices")),
     ],
 )
 def test_peft_lora_fields_off_default(field, value, outcome):
-    data = _peft_style(**{field: value})
-    if isinstance(outcome, Exception):
-        with pytest.raises(ValueError, match=str(outcome).replace(".", r"\.")):
-            dt.PeftConfig.from_peft_type(**data)
-    else:
-        with pytest.warns(UserWarning, match=outcome):
-            dt.PeftConfig.from_peft_type(**data)
+    for build in (lambda: dt.PeftConfig.from_peft_type(**_peft_style(**{field: value})),
+                  lambda: dt.AdaLoraConfig(total_step=10, **{field: value})):
+        if isinstance(outcome, Exception):
+            with pytest.raises(ValueError, match=str(outcome)):
+                build()
+        else:
+            with pytest.warns(UserWarning, match=outcome):
+                assert getattr(build(), field) == value
+
+
+def test_lora_field_types_are_checked():
+    with pytest.raises(ValueError, match="`r` must be an int"):
+        dt.AdaLoraConfig(total_step=10, r="8")
+    with pytest.raises(ValueError, match="use_rslora"):
+        dt.AdaLoraConfig(total_step=10, use_rslora="yes")
 
 
 # ----------------------------------------------------------------------------- the delta's maths
@@ -370,8 +435,8 @@ def test_attached_optimizer_counts_optimizer_steps_under_gradient_accumulation()
     steps = SCHEDULE["total_step"] + 2
     _train(manual, steps, accumulate=2)
     opt = torch.optim.SGD([p for p in hooked.parameters() if p.requires_grad], lr=0.05)
-    handle = hooked.base_model.attach_optimizer(opt)
-    assert hooked.base_model.optimizer_attached
+    handle = attach_optimizer(hooked, opt)
+    assert optimizer_attached(hooked) and handle.attached
     batches = _batches(8, seed=1)
     hooked.train()
     for i in range(steps * 2):
@@ -380,20 +445,29 @@ def test_attached_optimizer_counts_optimizer_steps_under_gradient_accumulation()
         if i % 2 == 1:
             opt.step()
             opt.zero_grad()
-    assert hooked.base_model.allocation_calls == steps == hooked.base_model.optimizer_step
+    assert hooked.base_model.allocation_calls == steps == handle.step
     pattern = manual.peft_config["default"].rank_pattern
     assert pattern is not None and pattern == hooked.peft_config["default"].rank_pattern
     for (n, p), (m, q) in zip(manual.named_parameters(), hooked.named_parameters()):
         assert n == m and torch.equal(p, q), n
     handle.remove()
-    assert not hooked.base_model.optimizer_attached
+    assert not optimizer_attached(hooked)
     opt.step()
     assert hooked.base_model.allocation_calls == steps
+    # a second attach replaces the first (one allocation per step), detach removes it
+    first = attach_optimizer(hooked.base_model, opt, start_step=steps)
+    with pytest.warns(UserWarning, match="already attached"):
+        second = attach_optimizer(hooked, opt, start_step=steps)
+    assert not first.attached and second.attached
+    detach_optimizer(hooked)
+    assert not second.attached and not optimizer_attached(hooked)
+    with pytest.raises(TypeError, match="holds no deltatune AdaLoraModel"):
+        attach_optimizer(torch.nn.Linear(2, 2), opt)
 
 
 def test_schedule_budgets_and_final_phase_remasking():
     model = _llama_model(init_lora_weights=False)
-    allocator = model.base_model.rank_allocator
+    allocator = model.base_model.allocation.rank_allocator()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     batches = _batches(4)
     boundary = SCHEDULE["total_step"] - SCHEDULE["tfinal"]
@@ -431,7 +505,9 @@ def test_final_phase_needs_a_rank_pattern_and_total_step_is_checked():
         model.base_model.set_total_step(5)
     model.base_model.set_total_step(40)
     assert model.peft_config["default"].total_step == 40
-    assert model.base_model.rank_allocator.total_step == 40
+    assert model.base_model.allocation.rank_allocator().budget_schedule(3) == (15, False)  # 13 with total_step=12: read live
+    with pytest.raises(ValueError, match="positive integer"):
+        model.base_model.set_total_step(2.5)
 
 
 def test_save_warns_when_the_model_trained_but_the_allocator_never_ran(tmp_path):
@@ -479,7 +555,7 @@ def test_trainer_callback_prunes_on_schedule_and_saves_adapter_checkpoints(tmp_p
     # 16 samples / batch 2 / accumulation 2 = 4 optimizer steps per epoch, 2 epochs
     config = model.peft_config["default"]
     assert config.total_step == 8
-    allocator = model.base_model.rank_allocator
+    allocator = model.base_model.allocation.rank_allocator()
     assert [s for s, _ in seen] == list(range(8))
     for step, kept in seen:
         budget, mask = allocator.budget_schedule(step)

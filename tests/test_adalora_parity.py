@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.integrations.adalora import attach_optimizer
 from models import ConvNet, MLP, mlp_input, tiny_gpt2, tiny_llama, token_input
 
 import peft  # noqa: E402  (a pinned test dependency: imported, never skipped)
@@ -95,7 +96,7 @@ def trained_pair():
     ours.train()
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
-    ours.base_model.attach_optimizer(opt_ours)
+    attach_optimizer(ours, opt_ours)
     history = []
     batches = _batches()
     for step in range(SCHEDULE["total_step"] + 2):
@@ -168,5 +169,5 @@ def test_peft_pruned_checkpoint_loads_here(trained_pair, tmp_path):
     # a trainable reload keeps PEFT's scale (ranknum = init_r) and trains on
     again = dt.PeftModel.from_pretrained(_seeded(tiny_llama)(), tmp_path, is_trainable=True)
     assert again.base_model.trainable_adapter_name == "default"
-    assert all(d.ranknum.item() == SCHEDULE["init_r"] for d in again.base_model._svd_deltas("default").values())
+    assert all(d.ranknum.item() == SCHEDULE["init_r"] for d in again.base_model.deltas("default").values())
     assert (_logits(again, ids) - _logits(theirs, ids)).abs().max() <= ATOL

@@ -189,9 +189,9 @@ class AdaLoraCallback(TrainerCallback):
                 f"optimizer steps; using total_step={total} (AdaLoraCallback(set_total_step=False) keeps the config's)"
             )
             tuner.set_total_step(total)
-        if tuner.optimizer_attached:
+        if optimizer_attached(tuner):
             warnings.warn("AdaLoraCallback drives the rank allocator: the optimizer hook from attach_optimizer() is removed")
-            tuner.detach_optimizer()
+            detach_optimizer(tuner)
         self._tuner = tuner
         self._calls_at_start = tuner.allocation_calls
         self._step_at_start = state.global_step
@@ -246,7 +246,7 @@ class AdaLoraCallback(TrainerCallback):
             warnings.warn(
                 f"AdaLoRA: the Trainer ran {steps} optimizer steps but the rank allocator never ran, so no rank was "
                 "pruned. This transformers version may not emit on_optimizer_step; call "
-                "model.base_model.attach_optimizer(trainer.optimizer) before training instead."
+                "deltatune.integrations.adalora.attach_optimizer(model, trainer.optimizer) before training instead."
             )
             return
         name = tuner.trainable_adapter_name

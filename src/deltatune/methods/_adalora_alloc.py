@@ -1,463 +1,506 @@
-"""AdaLoRA's rank allocator and orthogonal regulariser, independent of any model wrapper.
+"""AdaLoRA's rank allocation and orthogonality regulariser, and how the allocator reaches its tensors.
 
-AdaLoRA parametrises each adapted weight as ``ΔW = B · diag(E) · A`` (an SVD-like triplet) and,
-during training, prunes the least important singular values so that the total rank shrinks from
-``init_r`` per module to ``target_r`` per module on average. This module holds the bookkeeping for
-that pruning, fed directly with the triplets instead of walking a model:
+Reference: Q. Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023
+(arXiv:2303.10512): §3.1 (the regulariser), §3.2 (importance), §3.3 (the global budget schedule).
+The numbers reproduce PEFT 0.21.2: the same weights and gradients give the same rank pattern and
+the same E values.
 
-``triplets`` is an ordered mapping from a module path (relative to the inner model, e.g.
-``"model.layers.0.self_attn.q_proj"``) to ``(A, E, B)`` — the trainable adapter's parameters of that
-module, with ``A`` of shape ``(r, in)``, ``E`` of shape ``(r, 1)`` and ``B`` of shape ``(out, r)``.
-Rank patterns are dictionaries keyed ``"<module path>.lora_E"`` whose values are lists of ``r``
-booleans (``True`` = the singular value is kept), the layout PEFT stores in
-``AdaLoraConfig.rank_pattern`` once the adapter name is stripped from its keys.
+``triplets`` map a module path (relative to the inner model, e.g. ``model.layers.0.self_attn.q_proj``)
+to the trainable adapter's ``(A, E, B)``, of shapes (r, in), (r, 1), (out, r). A rank pattern is
+``{"<module path>.lora_E": [kept?] * r}`` (PEFT's ``rank_pattern`` without the adapter suffix).
 
-The numbers reproduce PEFT 0.21.2 (same weights and gradients give the same rank pattern and the
-same ``E`` values), with these deliberate differences:
+Importance of every entry p of A, E and B (§3.2, eqs. 8-11), updated once per optimizer step:
 
-* invalid settings (``init_r <= target_r``, ``beta1``/``beta2`` outside ``(0, 1)``, a schedule
-  without a budgeting phase) raise :class:`ValueError` when the allocator is built;
-* a missing gradient raises :class:`ValueError` naming the parameter;
-* rank-pattern keys are matched exactly — no substring matching on adapter names;
-* a budget equal to the initial budget (nothing to prune) is a no-op instead of a crash.
+    I = |p ⊙ ∇p|,   Ī ← β1·Ī + (1 − β1)·I,   Ū ← β2·Ū + (1 − β2)·|I − Ī|,   s = Ī ⊙ Ū
+    score(rank i of a module) = s_E[i] + mean_j s_A[i, j] + mean_j s_B[j, i]
 
-Everything is deterministic: the same triplets, gradients and state produce the same masks on every
-process, so data-parallel ranks whose gradients were already all-reduced stay in lockstep (the
-pruning threshold is selected on the CPU from the gathered scores).
+Budget b(t), the total number of kept ranks after optimizer step t (§3.3, eq. 12; T = total_step):
+
+    b(t) = b0                                                        t ≤ tinit
+    b(t) = bT + (b0 − bT) · (1 − (t − tinit) / (T − tfinal − tinit))³   (masks every deltaT steps)
+    b(t) = bT                                                        t ≥ T − tfinal
+
+with b0 = Σ r over the modules (their actual ranks) and bT = target_r × the number of modules.
+Masking zeroes E where score ≤ the (b0 − b)-th smallest score (ties at the threshold are pruned
+together, as in PEFT); at T − tfinal the scores are reset, after it the final pattern is re-applied
+every step. Deliberate differences from PEFT: a missing gradient raises naming the parameter, and
+pattern keys match exactly (no substring matching). The threshold is selected on the CPU, so data-parallel ranks whose gradients were
+all-reduced compute the same masks.
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+import contextlib
+import warnings
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-__all__ = ["RankAllocator", "orthogonal_regularization"]
-
 Triplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-TripletMapping = Mapping[str, Sequence[torch.Tensor]]
 RankPattern = dict[str, list[bool]]
 
-# Suffixes used to name the three parameters of a module in the allocator's state.
 _PARTS = ("lora_A", "lora_E", "lora_B")
+_BUDGET_PHASE = (
+    "The supplied schedule values don't allow for a budgeting phase. Decrease `tfinal`/`tinit` or increase `total_step`."
+)
 
 
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an integer, got a bool ({value!r})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} ({value!r})") from None
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_triplets(triplets: TripletMapping) -> dict[str, Triplet]:
-    """Validate shapes and return a plain ``dict`` copy (same order) of the mapping."""
-    if not isinstance(triplets, Mapping):
-        raise TypeError(
-            "`triplets` must be a mapping {module path: (lora_A, lora_E, lora_B)}, "
-            f"got {type(triplets).__name__}"
-        )
-    checked: dict[str, Triplet] = {}
-    for path, triplet in triplets.items():
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"module paths must be non-empty strings, got {path!r}")
-        try:
-            lora_a, lora_e, lora_b = triplet
-        except (TypeError, ValueError):
-            raise TypeError(f"triplets[{path!r}] must be a (lora_A, lora_E, lora_B) tuple") from None
-        for part, tensor in zip(_PARTS, (lora_a, lora_e, lora_b)):
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"triplets[{path!r}] {part} must be a tensor, got {type(tensor).__name__}")
-        if lora_a.dim() != 2:
-            raise ValueError(f"{path}.lora_A must have shape (r, in_features), got {tuple(lora_a.shape)}")
-        r = lora_a.size(0)
-        if tuple(lora_e.shape) != (r, 1):
-            raise ValueError(f"{path}.lora_E must have shape ({r}, 1) to match lora_A, got {tuple(lora_e.shape)}")
-        if lora_b.dim() != 2 or lora_b.size(1) != r:
-            raise ValueError(f"{path}.lora_B must have shape (out_features, {r}), got {tuple(lora_b.shape)}")
-        checked[path] = (lora_a, lora_e, lora_b)
-    return checked
+def check_schedule(config: Any, total_step: Any = None) -> None:
+    """The budget schedule's values (§3.3), checked in this one place: when a config is created and
+    when ``set_total_step`` changes ``total_step`` (given here; default: the config's own)."""
+    total_step = config.total_step if total_step is None else total_step
+    for name in ("init_r", "target_r", "tinit", "tfinal"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"`{name}` should be a positive integer or 0, but the value passed is {value!r}")
+    if not _is_int(config.deltaT) or config.deltaT <= 0:
+        raise ValueError(f"`deltaT` should be a positive integer value but the value passed is {config.deltaT!r}")
+    if total_step is None or (isinstance(total_step, (int, float)) and total_step <= 0):
+        raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0.")
+    if not _is_int(total_step):
+        raise ValueError(f"`total_step` must be a positive integer, got {total_step!r}")
+    if config.tinit >= total_step - config.tfinal:
+        raise ValueError(f"{_BUDGET_PHASE} (tinit={config.tinit}, tfinal={config.tfinal}, total_step={total_step})")
 
 
-def orthogonal_regularization(
-    triplets: Union[TripletMapping, Iterable[Sequence[torch.Tensor]]],
-) -> torch.Tensor:
-    """AdaLoRA's orthogonality penalty on the singular-vector matrices.
+def check_trainable(config: Any) -> None:
+    """Values only the allocator uses, checked when an adapter that trains is added (PEFT fails at
+    its first pruning step on init_r <= target_r, and asserts on the betas)."""
+    if config.init_r <= config.target_r:
+        raise ValueError(f"AdaLoRA needs init_r > target_r: ranks are pruned from init_r down to target_r per module "
+                         f"on average; got init_r={config.init_r}, target_r={config.target_r}")
+    for name in ("beta1", "beta2"):
+        if not 0 < getattr(config, name) < 1:
+            raise ValueError(f"`{name}` must be strictly between 0 and 1, got {getattr(config, name)}")
 
-    ``R = (1/N) · Σ_modules (‖A·Aᵀ − I‖_F + ‖Bᵀ·B − I‖_F)`` where ``N`` counts every ``A`` and every
-    ``B`` matrix (twice the number of modules), as in PEFT. A module whose rank is 0 contributes
-    ``0`` to the sum but is still counted in ``N`` (PEFT's behaviour: the norm of an empty matrix
-    is 0). The result is a 0-dim tensor that carries gradients to ``A`` and ``B``; with no modules
-    it is a plain ``0.0``. Multiply by ``orth_reg_weight`` and add it to the task loss.
 
-    ``triplets`` is the ``{path: (A, E, B)}`` mapping (or any iterable of ``(A, E, B)``); ``E`` is
-    not used.
+def orthogonal_regularization(triplets: Mapping[str, Triplet]) -> torch.Tensor:
+    """R = (1/N) · Σ_modules (‖A·Aᵀ − I‖_F + ‖Bᵀ·B − I‖_F), N = 2 × the number of modules (§3.1).
+
+    A rank-0 module adds 0 but still counts in N (PEFT's behaviour: the norm of an empty matrix is
+    0). A 0-dim tensor that carries gradients to A and B; ``0.0`` without modules.
     """
-    values = triplets.values() if isinstance(triplets, Mapping) else triplets
-    total: Optional[torch.Tensor] = None
-    count = 0
-    for triplet in values:
-        lora_a, _, lora_b = triplet
-        for cov in (lora_a @ lora_a.T, lora_b.T @ lora_b):
-            eye = torch.eye(cov.size(0), dtype=cov.dtype, device=cov.device)
-            term = torch.linalg.vector_norm(cov - eye, 2)
-            total = term if total is None else total + term
-            count += 1
-    if total is None:
+    terms = []
+    for lora_a, _, lora_b in triplets.values():
+        for cov in (lora_a @ lora_a.T, lora_b.T @ lora_b):  # (r, r)
+            terms.append(torch.linalg.vector_norm(cov - torch.eye(cov.size(0), dtype=cov.dtype, device=cov.device), 2))
+    if not terms:
         return torch.zeros(())
-    return total / count
+    total = terms[0]
+    for term in terms[1:]:  # summed one by one, in PEFT's order: the same rounding
+        total = total + term
+    return total / len(terms)
 
 
 class RankAllocator:
-    """Importance-based budget allocation of AdaLoRA (PEFT's ``RankAllocator`` + ``update_and_allocate``).
+    """Importance EMAs and budget masks over one adapter's triplets (PEFT's ``RankAllocator``).
 
-    Args:
-        triplets: ordered ``{module path: (lora_A, lora_E, lora_B)}`` of the trainable adapter. The
-            allocator keeps references to these tensors: it reads their ``.grad`` and zeroes
-            entries of ``lora_E`` in place.
-        init_r: the initial rank per module, only used for validation (``init_r > target_r``).
-            The initial budget is always the sum of the actual ranks, ``Σ A.size(0)``.
-        target_r: the target average rank; the final budget is ``target_r · len(triplets)``.
-        tinit: warm-up steps during which nothing is pruned.
-        tfinal: final steps during which the rank pattern is frozen.
-        deltaT: interval (in steps) between two re-allocations during the budgeting phase.
-        beta1: EMA coefficient of the sensitivity, in ``(0, 1)``.
-        beta2: EMA coefficient of the uncertainty, in ``(0, 1)``.
-        total_step: total number of training steps.
-        grad_getter: optional ``callable(param) -> grad`` used instead of ``param.grad`` (e.g. to
-            gather a full gradient under ZeRO-3); it may return ``None`` for a missing gradient.
-
-    Call :meth:`step` once per optimisation step, after ``loss.backward()`` and before the
-    gradients are cleared (PEFT's order: backward, ``optimizer.step()``, ``step(global_step)``,
-    ``zero_grad()``).
+    It keeps references to the tensors: it reads their gradients (``grad_getter(param)``, default
+    ``param.grad``) and zeroes entries of E in place. The schedule is read from ``config`` at every
+    step, so ``config.total_step`` may change between steps.
     """
 
-    def __init__(
-        self,
-        triplets: TripletMapping,
-        *,
-        init_r: Optional[int] = None,
-        target_r: int,
-        tinit: int = 0,
-        tfinal: int = 0,
-        deltaT: int = 1,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-        total_step: int,
-        grad_getter: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
-    ) -> None:
-        self.triplets = _check_triplets(triplets)
-        if not self.triplets:
-            raise ValueError("RankAllocator needs at least one (lora_A, lora_E, lora_B) triplet")
-
-        self.target_r = _as_int(target_r, "target_r")
-        if self.target_r < 0:
-            raise ValueError(f"`target_r` must be >= 0, got {self.target_r}")
-        self.init_r = None if init_r is None else _as_int(init_r, "init_r")
-        if self.init_r is not None and self.init_r <= self.target_r:
-            raise ValueError(
-                f"AdaLoRA needs `init_r` > `target_r` (there must be ranks to prune), "
-                f"got init_r={self.init_r}, target_r={self.target_r}"
-            )
-
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 < beta < 1.0):
-                raise ValueError(f"`{name}` must be a number strictly between 0 and 1, got {beta!r}")
-        self.beta1 = float(beta1)
-        self.beta2 = float(beta2)
-
-        self.total_step = _as_int(total_step, "total_step")
-        self.tinit = _as_int(tinit, "tinit")
-        self.tfinal = _as_int(tfinal, "tfinal")
-        self.deltaT = _as_int(deltaT, "deltaT")
-        self._check_schedule(self.total_step)
-
+    def __init__(self, triplets: Mapping[str, Triplet], config: Any,
+                 grad_getter: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None) -> None:
+        self.triplets = dict(triplets)
+        self.config = config
         self.grad_getter = grad_getter
-
-        # Budgets, as in PEFT: the initial one counts actual ranks, the target one counts modules.
-        self.init_bgt = sum(lora_a.size(0) for lora_a, _, _ in self.triplets.values())
-        self.target_bgt = self.target_r * len(self.triplets)
+        self.init_bgt = sum(lora_a.size(0) for lora_a, _, _ in self.triplets.values())  # b0
+        self.target_bgt = config.target_r * len(self.triplets)  # bT
         if self.init_bgt <= self.target_bgt:
             raise ValueError(
-                f"AdaLoRA needs an initial rank budget larger than the target one, got "
-                f"init budget {self.init_bgt} (sum of the modules' ranks) <= target budget "
-                f"{self.target_bgt} (target_r={self.target_r} x {len(self.triplets)} modules)"
+                f"AdaLoRA needs an initial rank budget larger than the target one: the modules' ranks sum to "
+                f"{self.init_bgt}, the target is {self.target_bgt} (target_r={config.target_r} x {len(self.triplets)} modules)"
             )
-
-        # Named parameters "<path>.lora_A" / ".lora_E" / ".lora_B" in triplet order.
-        self._params: dict[str, torch.Tensor] = {}
-        for path, triplet in self.triplets.items():
-            for part, tensor in zip(_PARTS, triplet):
-                self._params[f"{path}.{part}"] = tensor
-
-        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
-        self.exp_avg_unc: dict[str, torch.Tensor] = {}
-        self._rank_pattern: Optional[RankPattern] = None
-
-    # ------------------------------------------------------------------ schedule
-
-    def _check_schedule(self, total_step: int) -> None:
-        if total_step <= 0:
-            raise ValueError(f"`total_step` must be a positive integer, got {total_step}")
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(f"`tinit` and `tfinal` must be >= 0, got tinit={self.tinit}, tfinal={self.tfinal}")
-        if self.deltaT < 1:
-            raise ValueError(f"`deltaT` must be >= 1, got {self.deltaT}")
-        if self.tinit >= total_step - self.tfinal:
-            raise ValueError(
-                f"The schedule leaves no budgeting phase: need tinit < total_step - tfinal, got "
-                f"tinit={self.tinit}, tfinal={self.tfinal}, total_step={total_step}"
-            )
-
-    def set_total_step(self, total_step: int) -> None:
-        """Change the schedule length (PEFT's ``set_total_step``), re-validating the schedule."""
-        total_step = _as_int(total_step, "total_step")
-        self._check_schedule(total_step)
-        self.total_step = total_step
-
-    @property
-    def keys(self) -> list[str]:
-        """The rank-pattern keys, ``"<module path>.lora_E"``, in triplet order."""
-        return [f"{path}.lora_E" for path in self.triplets]
+        self.params = {f"{path}.{part}": t for path, trip in self.triplets.items() for part, t in zip(_PARTS, trip)}
+        self.exp_avg_ipt: dict[str, torch.Tensor] = {}  # Ī
+        self.exp_avg_unc: dict[str, torch.Tensor] = {}  # Ū
+        self.rank_pattern: Optional[RankPattern] = None  # the last one allocated (or loaded)
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
-        """``(budget, mask_now)`` at ``step``: constant during warm-up, cubic decay, then the target."""
-        step = _as_int(step, "step")
-        if step <= self.tinit:
+        """``(b(step), whether to mask at this step)``."""
+        c = self.config
+        if step <= c.tinit:
             return self.init_bgt, False
-        if step > self.total_step - self.tfinal:
+        if step > c.total_step - c.tfinal:
             return self.target_bgt, True
-        mul_coeff = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
-        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt)
-        return budget, step % self.deltaT == 0
+        mul_coeff = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
+        return int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt), step % c.deltaT == 0
 
-    # ------------------------------------------------------------------ importance
-
-    def _grad_of(self, name: str, param: torch.Tensor) -> torch.Tensor:
+    def _grad(self, name: str, param: torch.Tensor) -> torch.Tensor:
         grad = self.grad_getter(param) if self.grad_getter is not None else param.grad
         if grad is None:
-            if param.numel() == 0:
-                # a rank-0 module: nothing to score
+            if param.numel() == 0:  # a rank-0 module: nothing to score
                 return torch.zeros_like(param)
             raise ValueError(
-                f"AdaLoRA needs the gradient of `{name}` to update importance scores, but it is None. "
-                "Call the rank allocator after loss.backward() and before the gradients are cleared, "
-                "and make sure the adapter's parameters are trainable."
+                f"AdaLoRA needs the gradient of `{name}` to update importance scores, but it is None. Call the "
+                "rank allocator after loss.backward() and before the gradients are cleared, and make sure the "
+                "adapter's parameters are trainable."
             )
         return grad
 
+    @torch.no_grad()
     def update_ipt(self) -> None:
-        """Update the sensitivity / uncertainty EMAs of every ``A``, ``E`` and ``B`` from its gradient.
+        """Ī and Ū from the current gradients (they start at zeros in the parameter's dtype)."""
+        grads = {name: self._grad(name, p) for name, p in self.params.items()}  # all first: none missing
+        beta1, beta2 = self.config.beta1, self.config.beta2
+        for name, p in self.params.items():
+            ipt = (p * grads[name]).abs().detach()
+            avg_ipt = beta1 * self.exp_avg_ipt.get(name, torch.zeros_like(p)) + (1 - beta1) * ipt
+            avg_unc = beta2 * self.exp_avg_unc.get(name, torch.zeros_like(p)) + (1 - beta2) * (ipt - avg_ipt).abs()
+            self.exp_avg_ipt[name], self.exp_avg_unc[name] = avg_ipt, avg_unc
 
-        ``I = |p ⊙ ∇p|``, ``Ī ← β1·Ī + (1−β1)·I``, ``Ū ← β2·Ū + (1−β2)·|I − Ī|``; the state starts
-        at zeros in the parameter's dtype (and follows PyTorch's type promotion if the gradient has
-        a wider dtype, as in PEFT).
-        """
-        with torch.no_grad():
-            # Fetch every gradient first so a missing one leaves the state untouched.
-            grads = {name: self._grad_of(name, p) for name, p in self._params.items()}
-            for name, p in self._params.items():
-                ipt = (p * grads[name]).abs().detach()
-                if name not in self.exp_avg_ipt:
-                    self.exp_avg_ipt[name] = torch.zeros_like(p)
-                    self.exp_avg_unc[name] = torch.zeros_like(p)
-                avg_ipt = self.beta1 * self.exp_avg_ipt[name] + (1 - self.beta1) * ipt
-                avg_unc = self.beta2 * self.exp_avg_unc[name] + (1 - self.beta2) * (ipt - avg_ipt).abs()
-                self.exp_avg_ipt[name] = avg_ipt
-                self.exp_avg_unc[name] = avg_unc
-
-    def reset_ipt(self) -> None:
-        """Forget the accumulated importance state."""
-        self.exp_avg_ipt = {}
-        self.exp_avg_unc = {}
-
-    def _element_score(self, name: str) -> torch.Tensor:
-        return self.exp_avg_ipt[name] * self.exp_avg_unc[name]
-
-    def triplet_scores(self) -> dict[str, torch.Tensor]:
-        """Per-rank importance ``{"<path>.lora_E": (r,) tensor}``.
-
-        Score of rank ``i`` = ``s_E[i] + (mean_j s_A[i, j] + mean_j s_B[j, i])`` with ``s = Ī ⊙ Ū``.
-        """
-        missing = [name for name in self._params if name not in self.exp_avg_ipt]
+    @torch.no_grad()
+    def scores(self) -> dict[str, torch.Tensor]:
+        """``{"<path>.lora_E": (r,) scores}`` (summed in PEFT's order: the same rounding)."""
+        missing = [name for name in self.params if name not in self.exp_avg_ipt]
         if missing:
             raise RuntimeError(
-                "No importance scores for "
-                + ", ".join(missing[:3])
-                + (" ..." if len(missing) > 3 else "")
-                + ": call update_ipt() (or load_state_dict()) before allocating the budget"
+                f"No importance scores for {', '.join(missing[:3])}: the allocator must update them (a step before "
+                "total_step - tfinal) or load them (load_allocator_state_dict) before it prunes to the target budget"
             )
-        scores: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for path in self.triplets:
-                score_a = torch.mean(self._element_score(f"{path}.lora_A"), dim=1, keepdim=True)
-                score_b = torch.mean(self._element_score(f"{path}.lora_B"), dim=0, keepdim=False).view(-1, 1)
-                score_e = self._element_score(f"{path}.lora_E")
-                score_ab = torch.cat([score_a, score_b], dim=1).sum(dim=1, keepdim=False)
-                scores[f"{path}.lora_E"] = score_e.view(-1) + score_ab.view(-1)
-        return scores
+        s = {name: self.exp_avg_ipt[name] * self.exp_avg_unc[name] for name in self.params}
+        out = {}
+        for path in self.triplets:
+            score_a = s[f"{path}.lora_A"].mean(dim=1, keepdim=True)  # (r, 1)
+            score_b = s[f"{path}.lora_B"].mean(dim=0).view(-1, 1)  # (r, 1)
+            out[f"{path}.lora_E"] = s[f"{path}.lora_E"].view(-1) + torch.cat([score_a, score_b], dim=1).sum(dim=1)
+        return out
 
-    # ------------------------------------------------------------------ masking
-
+    @torch.no_grad()
     def mask_to_budget(self, budget: int) -> RankPattern:
-        """Keep the ``budget`` most important ranks: zero ``E`` of the others, return the pattern.
-
-        The threshold ``τ`` is the ``(init_bgt − budget)``-th smallest triplet score; every rank
-        with a score ``≤ τ`` is pruned (ties at ``τ`` are all pruned, as in PEFT). With
-        ``budget == init_bgt`` nothing is pruned.
-        """
-        budget = _as_int(budget, "budget")
-        if not 0 <= budget <= self.init_bgt:
-            raise ValueError(f"`budget` must be between 0 and the initial budget {self.init_bgt}, got {budget}")
-        k = self.init_bgt - budget
-        if k == 0:
-            return {f"{path}.lora_E": [True] * lora_a.size(0) for path, (lora_a, _, _) in self.triplets.items()}
-
-        scores = self.triplet_scores()
-        # Select the threshold on the CPU: the value is exact whatever the device, the selection is
-        # deterministic, and modules may live on different devices.
-        all_scores = torch.cat([s.detach().reshape(-1).cpu() for s in scores.values()])
-        threshold = torch.kthvalue(all_scores, k=k).values.item()
-
+        """Keep the ``budget`` best-scored ranks: zero E of the others; returns the pattern."""
+        k = self.init_bgt - budget  # > 0: the schedule's budgets are below b0 after tinit
+        scores = self.scores()
+        threshold = torch.kthvalue(torch.cat([s.reshape(-1).cpu() for s in scores.values()]), k=k).values.item()
         pattern: RankPattern = {}
-        with torch.no_grad():
-            for path, (_, lora_e, _) in self.triplets.items():
-                key = f"{path}.lora_E"
-                pruned = (scores[key] <= threshold).view(-1, 1)
-                lora_e.masked_fill_(pruned.to(lora_e.device), 0.0)
-                pattern[key] = (~pruned).view(-1).tolist()
+        for path, (_, lora_e, _) in self.triplets.items():
+            pruned = (scores[f"{path}.lora_E"] <= threshold).view(-1, 1)
+            lora_e.masked_fill_(pruned.to(lora_e.device), 0.0)
+            pattern[f"{path}.lora_E"] = (~pruned).view(-1).tolist()
         return pattern
 
-    def _normalise_pattern(self, pattern: Mapping[str, Any]) -> RankPattern:
-        if not isinstance(pattern, Mapping):
-            raise TypeError(f"a rank pattern must be a mapping, got {type(pattern).__name__}")
-        known = set(self.keys)
-        unknown = [key for key in pattern if key not in known]
-        if unknown:
-            raise ValueError(
-                f"rank pattern has keys for no known module: {unknown[:3]}; expected keys "
-                f"'<module path>.lora_E' such as {self.keys[0]!r} (without an adapter name)"
-            )
-        normalised: RankPattern = {}
-        for path, (lora_a, _, _) in self.triplets.items():
-            key = f"{path}.lora_E"
-            if key not in pattern:
-                raise KeyError(f"rank pattern has no entry for {key!r}")
-            value = pattern[key]
-            if isinstance(value, torch.Tensor):
-                flags = [bool(v) for v in value.detach().reshape(-1).tolist()]
-            else:
-                flags = [bool(v) for v in value]
-            if len(flags) != lora_a.size(0):
-                raise ValueError(
-                    f"rank pattern entry {key!r} has {len(flags)} flags but the module's rank is {lora_a.size(0)}"
-                )
-            normalised[key] = flags
-        return normalised
-
-    @property
-    def rank_pattern(self) -> Optional[RankPattern]:
-        """The stored rank pattern (the last one allocated, or the one set / loaded), or ``None``."""
-        if self._rank_pattern is None:
-            return None
-        return {key: list(flags) for key, flags in self._rank_pattern.items()}
-
-    @rank_pattern.setter
-    def rank_pattern(self, pattern: Optional[Mapping[str, Any]]) -> None:
-        self._rank_pattern = None if pattern is None else self._normalise_pattern(pattern)
-
-    def apply_rank_pattern(self, pattern: Optional[Mapping[str, Any]] = None) -> None:
-        """Zero ``E`` wherever ``pattern`` (default: the stored one) is ``False``. Keys must match exactly."""
-        if pattern is None:
-            if self._rank_pattern is None:
-                raise RuntimeError("no rank pattern to apply: none was allocated, set or loaded yet")
-            normalised = self._rank_pattern
-        else:
-            normalised = self._normalise_pattern(pattern)
-        with torch.no_grad():
-            for path, (_, lora_e, _) in self.triplets.items():
-                keep = torch.tensor(normalised[f"{path}.lora_E"], dtype=torch.bool, device=lora_e.device)
-                lora_e.masked_fill_(~keep.view(-1, 1), 0.0)
-
-    # ------------------------------------------------------------------ the training-loop hook
-
     def step(self, global_step: int) -> Optional[RankPattern]:
-        """PEFT's ``update_and_allocate(global_step)``.
-
-        * ``global_step < total_step − tfinal``: update the importance EMAs, then, when the schedule
-          says so, prune to the scheduled budget; returns the new rank pattern (also stored), else
-          ``None``.
-        * ``global_step == total_step − tfinal``: no EMA update; prune to the target budget, store and
-          return the final rank pattern, and reset the importance state.
-        * ``global_step > total_step − tfinal``: re-apply the stored rank pattern to ``E`` (the
-          optimiser may have moved pruned entries); returns ``None``.
-        """
-        global_step = _as_int(global_step, "global_step")
-        boundary = self.total_step - self.tfinal
+        """PEFT's ``update_and_allocate`` up to T − tfinal (the final phase re-applies the config's
+        pattern, see :meth:`Allocation.update_and_allocate`). Returns a new pattern, else None."""
+        boundary = self.config.total_step - self.config.tfinal
         if global_step < boundary:
             self.update_ipt()
             budget, mask_now = self.budget_schedule(global_step)
             if not mask_now:
                 return None
-            self._rank_pattern = self.mask_to_budget(budget)
-            return self.rank_pattern
-        if global_step == boundary:
-            self._rank_pattern = self.mask_to_budget(self.target_bgt)
-            self.reset_ipt()
-            return self.rank_pattern
-        if self._rank_pattern is None:
-            raise RuntimeError(
-                f"step {global_step} is in the final phase (> total_step - tfinal = {boundary}) but no rank "
-                "pattern was allocated; run the budgeting steps first or restore the rank pattern "
-                "(load_state_dict() or the `rank_pattern` attribute)"
-            )
-        self.apply_rank_pattern()
-        return None
-
-    # ------------------------------------------------------------------ checkpointing
+            self.rank_pattern = self.mask_to_budget(budget)
+        else:  # the final allocation: to the target budget, then the scores are no longer needed
+            self.rank_pattern = self.mask_to_budget(self.target_bgt)
+            self.exp_avg_ipt, self.exp_avg_unc = {}, {}
+        return {key: list(flags) for key, flags in self.rank_pattern.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """The importance EMAs (cloned) and the stored rank pattern, keyed by ``"<path>.lora_X"``."""
+        """The EMAs (copies, keyed ``"<path>.lora_X"``), the last rank pattern and the budgets."""
         return {
             "exp_avg_ipt": {name: t.detach().clone() for name, t in self.exp_avg_ipt.items()},
             "exp_avg_unc": {name: t.detach().clone() for name, t in self.exp_avg_unc.items()},
-            "rank_pattern": self.rank_pattern,
+            "rank_pattern": None if self.rank_pattern is None else {k: list(v) for k, v in self.rank_pattern.items()},
             "init_bgt": self.init_bgt,
             "target_bgt": self.target_bgt,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; tensors go to their parameter's device, dtype kept."""
+        """Restore :meth:`state_dict`'s output (tensors go to their parameter's device); all or nothing."""
         for field in ("init_bgt", "target_bgt"):
             if field in state and state[field] != getattr(self, field):
+                raise ValueError(f"state was saved with {field}={state[field]} but this allocator has {getattr(self, field)}")
+        loaded = []
+        for field in ("exp_avg_ipt", "exp_avg_unc"):
+            entries = dict(state.get(field, {}))
+            if entries and entries.keys() != self.params.keys():
                 raise ValueError(
-                    f"state was saved with {field}={state[field]} but this allocator has {getattr(self, field)}"
+                    f"{field} does not match the adapter: unknown {sorted(entries.keys() - self.params.keys())[:3]}, "
+                    f"missing {sorted(self.params.keys() - entries.keys())[:3]}"
                 )
-        ipt_state = dict(state.get("exp_avg_ipt", {}))
-        unc_state = dict(state.get("exp_avg_unc", {}))
-        if set(ipt_state) != set(unc_state):
+            for name, t in entries.items():
+                if not isinstance(t, torch.Tensor) or t.shape != self.params[name].shape:
+                    raise ValueError(f"{field} entry {name!r} is not a tensor of shape {tuple(self.params[name].shape)}")
+            loaded.append({name: t.detach().to(device=self.params[name].device, copy=True) for name, t in entries.items()})
+        if loaded[0].keys() != loaded[1].keys():
             raise ValueError("state has sensitivity and uncertainty entries for different parameters")
-        if ipt_state and set(ipt_state) != set(self._params):
-            unknown = sorted(set(ipt_state) - set(self._params))
-            missing = sorted(set(self._params) - set(ipt_state))
-            raise ValueError(
-                f"state does not match the triplets: unknown entries {unknown[:3]}, missing entries {missing[:3]}"
-            )
-        new_ipt: dict[str, torch.Tensor] = {}
-        new_unc: dict[str, torch.Tensor] = {}
-        for name in ipt_state:
-            param = self._params[name]
-            for source, target in ((ipt_state, new_ipt), (unc_state, new_unc)):
-                tensor = source[name]
-                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(param.shape):
-                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                    raise ValueError(f"state entry for {name!r} has shape {shape}, expected {tuple(param.shape)}")
-                target[name] = tensor.detach().to(device=param.device, copy=True)
         pattern = state.get("rank_pattern")
-        new_pattern = None if pattern is None else self._normalise_pattern(pattern)
-        self.exp_avg_ipt = new_ipt
-        self.exp_avg_unc = new_unc
-        self._rank_pattern = new_pattern
+        if pattern is not None:
+            ranks = {f"{path}.lora_E": a.size(0) for path, (a, _, _) in self.triplets.items()}
+            if pattern.keys() != ranks.keys() or any(len(flags) != ranks[k] for k, flags in pattern.items()):
+                raise ValueError(f"the saved rank pattern does not match the adapter's modules and ranks {ranks}")
+            pattern = {key: [bool(f) for f in flags] for key, flags in pattern.items()}
+        self.exp_avg_ipt, self.exp_avg_unc = loaded
+        self.rank_pattern = pattern
 
+
+# ------------------------------------------------------------------------------------ rank patterns
+
+
+def check_rank_pattern(pattern: Any) -> Optional[RankPattern]:
+    """A config's ``rank_pattern`` as ``{key: [bool, ...]}`` (tensors and 0/1 accepted), or None."""
+    if not pattern:
+        return None  # PEFT's files write {} for "no pattern yet"
+    if not isinstance(pattern, Mapping):
+        raise ValueError(f"`rank_pattern` must be a dict {{'<module>.lora_E': [bool, ...]}}, got {type(pattern).__name__}")
+    out: dict[str, list[bool]] = {}
+    for key, flags in pattern.items():
+        if isinstance(flags, torch.Tensor):
+            flags = flags.reshape(-1).tolist()
+        if not isinstance(key, str) or not isinstance(flags, (list, tuple)) or not all(isinstance(f, bool) or f in (0, 1) for f in flags):
+            raise ValueError(f"`rank_pattern` entry {key!r} must map to a list of booleans, got {flags!r}")
+        out[key] = [bool(f) for f in flags]
+    return out
+
+
+def pattern_by_path(rank_pattern: Optional[Mapping[str, Any]], adapter_name: str, paths: Any) -> RankPattern:
+    """A config's ``rank_pattern`` keyed by module path; keys may carry the adapter suffix (PEFT's
+    live config) or not (its file). Keys match exactly."""
+    out: RankPattern = {}
+    for key, flags in (rank_pattern or {}).items():
+        stripped = key.removesuffix(f".{adapter_name}") if key.endswith(f".lora_E.{adapter_name}") else key
+        path = stripped.removesuffix(".lora_E") if stripped.endswith(".lora_E") else None
+        if path not in paths:
+            raise ValueError(
+                f"rank_pattern key {key!r} of adapter '{adapter_name}' names no module adapted by it "
+                f"(expected '<module path>.lora_E', e.g. '{next(iter(paths), 'model.layer')}.lora_E')"
+            )
+        out[path] = [bool(f) for f in flags]
+    return out
+
+
+def slice_ranks(fragment: Mapping[str, torch.Tensor], flags: list[bool], path: str) -> dict[str, torch.Tensor]:
+    """A module's ``{"lora_A", "lora_E", "lora_B": tensor}`` cut to the ranks flagged True (rows of A
+    and E, columns of B); a tensor that already has exactly the kept ranks stays as it is."""
+    index = torch.tensor([i for i, kept in enumerate(flags) if kept], dtype=torch.long)
+    out = dict(fragment)
+    for part, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+        tensor = out[part]
+        if tensor.shape[dim] == len(index):
+            continue
+        if tensor.shape[dim] != len(flags):
+            raise ValueError(f"rank_pattern entry for '{path}' has {len(flags)} flags but its {part} has rank {tensor.shape[dim]}")
+        out[part] = tensor.index_select(dim, index.to(tensor.device))  # works on meta tensors too
+    return out
+
+
+def resize_to_pattern(deltas: Mapping[str, Any], pattern: RankPattern) -> bool:
+    """Shrink each module to the ranks its pattern keeps (``delta.keep_ranks``), before a pruned
+    checkpoint is loaded; modules already at the kept ranks stay. Whether anything changed."""
+    changed = False
+    for path, flags in pattern.items():
+        delta = deltas[path]
+        if delta.r != sum(flags):
+            if delta.r != len(flags):
+                raise ValueError(f"rank_pattern entry for '{path}' has {len(flags)} flags but the module has rank {delta.r}")
+            delta.keep_ranks(flags)
+            changed = True
+    return changed
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+
+class Allocation:
+    """The training side of an ``AdaLoraModel``: its trainable adapter's allocator (built on first
+    use, rebuilt when the adapter's tensors are replaced), run once per optimizer step by
+    :meth:`update_and_allocate`, and its checkpointable state.
+
+    Under DeepSpeed ZeRO (1, 2 or 3) DeepSpeed holds the gradients and the fp32 master weights in
+    its own partitions: the allocator then works on whole fp32 copies read through
+    ``deepspeed.utils`` (``safe_get_full_grad``, ``safe_get_full_fp32_param``; the same on every
+    rank), and the masked E is written back to DeepSpeed's master copy and to the model's weights.
+    ``engine.step()`` frees the gradients, so :meth:`capture_gradients` reads them between
+    ``engine.backward`` and ``engine.step()`` (``deltatune.integrations.deepspeed.attach_adalora``
+    does both). Every rank must call these (they gather).
+    """
+
+    def __init__(self, tuner: Any) -> None:
+        self.tuner = tuner  # the AdaLoraModel: peft_config, triplets(), deltas(), _require_trainable()
+        self.calls = 0  # update_and_allocate calls so far
+        self.train_forwards = 0  # forwards in training mode (see warn_if_never_ran)
+        self.allocator: Optional[RankAllocator] = None
+        self.allocator_for: Optional[str] = None
+        # ZeRO: (adapter, {path: whole fp32 copies of (A, E, B)}) and the captured gradients {id(copy): grad}
+        self.zero_copies: Optional[tuple[str, dict[str, Triplet]]] = None
+        self.zero_grads: Optional[dict[int, torch.Tensor]] = None
+
+    def reset(self) -> None:
+        self.allocator = self.allocator_for = None
+
+    def rank_allocator(self) -> RankAllocator:
+        name = self.tuner._require_trainable()
+        live = self.tuner.triplets(name)
+        zero = _zero_managed(live)
+        triplets = self._zero_triplets(name, live) if zero else live
+        current = self.allocator
+        if current is None or self.allocator_for != name or not _same_tensors(current.triplets, triplets):
+            if current is not None and current.exp_avg_ipt:
+                warnings.warn(f"AdaLoRA adapter '{name}' changed shape or storage: its importance scores restart at zero")
+            self.allocator = RankAllocator(triplets, self.tuner.peft_config[name], self._zero_grad if zero else None)
+            self.allocator_for = name
+        return self.allocator
+
+    def update_and_allocate(self, global_step: int) -> Optional[RankPattern]:
+        name = self.tuner._require_trainable()
+        config = self.tuner.peft_config[name]
+        self.calls += 1
+        if global_step > config.total_step - config.tfinal:  # the final phase: re-apply the final pattern
+            if config.rank_pattern is None:
+                raise RuntimeError(
+                    f"step {global_step} is past the budgeting phase (total_step - tfinal = "
+                    f"{config.total_step - config.tfinal}) but adapter '{name}' has no rank_pattern yet: run the "
+                    "allocator from step 0, or set the config's rank_pattern"
+                )
+            self.mask_with(name, pattern_by_path(config.rank_pattern, name, self.tuner.deltas(name)))
+            return None
+        allocator = self.rank_allocator()
+        zero = _zero_managed(self.tuner.triplets(name))
+        if zero:
+            self._zero_pull(name)
+        try:
+            pattern = allocator.step(global_step)
+        finally:
+            self.zero_grads = None  # one step's gradients are used once
+        if zero and pattern is not None:
+            self._zero_push(name)  # E was masked
+        if pattern is not None:
+            config.rank_pattern = {f"{key}.{name}": flags for key, flags in pattern.items()}
+        return pattern
+
+    @torch.no_grad()
+    def mask_with(self, name: str, pattern: RankPattern) -> None:
+        deltas = self.tuner.deltas(name)
+        zero = _zero_managed(self.tuner.triplets(name))
+        if zero:
+            self._zero_pull(name, grads=False)
+        for path, flags in pattern.items():
+            if deltas[path].r != len(flags):
+                continue  # resized at load to exactly the kept ranks: nothing is masked
+            lora_e = self.zero_copies[1][path][1] if zero else deltas[path].lora_E
+            lora_e.masked_fill_(~torch.tensor(flags, dtype=torch.bool, device=lora_e.device).view(-1, 1), 0.0)
+        if zero:
+            self._zero_push(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rank_allocator().state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        name = self.tuner._require_trainable()
+        allocator = self.rank_allocator()
+        allocator.load_state_dict(state)
+        pattern = allocator.rank_pattern
+        self.tuner.peft_config[name].rank_pattern = (
+            None if pattern is None else {f"{key}.{name}": list(flags) for key, flags in pattern.items()}
+        )
+
+    def set_total_step(self, total_step: int) -> None:
+        config = self.tuner.peft_config[self.tuner._require_trainable()]
+        check_schedule(config, total_step)
+        config.total_step = total_step
+
+    def warn_if_never_ran(self, name: str) -> None:
+        """At save time: the adapter trained but nothing ever called the allocator."""
+        if name == self.tuner.trainable_adapter_name and self.train_forwards and not self.calls:
+            warnings.warn(
+                f"AdaLoRA adapter '{name}' was trained ({self.train_forwards} forward passes in training mode) but "
+                "its rank allocator never ran: no rank was pruned and rank_pattern stays empty. Call "
+                "model.base_model.update_and_allocate(step) after each optimizer.step() and before zero_grad(), or "
+                "deltatune.integrations.adalora.attach_optimizer(model, optimizer) once, or train with "
+                "deltatune.integrations.transformers.AdaLoraCallback.",
+                stacklevel=4,
+            )
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO
+    def capture_gradients(self) -> None:
+        name = self.tuner._require_trainable()
+        live = self.tuner.triplets(name)
+        if not _zero_managed(live):
+            return
+        from deepspeed.utils import safe_get_full_grad
+
+        self.rank_allocator()  # builds the copies if needed
+        grads: dict[int, torch.Tensor] = {}
+        for path, trip in live.items():
+            for part, param, copy in zip(_PARTS, trip, self.zero_copies[1][path]):
+                grad = safe_get_full_grad(param)  # the all-reduced gradient, gathered whole
+                if grad is None:
+                    raise ValueError(
+                        f"AdaLoRA needs the gradient of `{path}.{part}` but DeepSpeed holds none: call "
+                        "capture_gradients() after engine.backward(loss) and before engine.step(), or use "
+                        "deltatune.integrations.deepspeed.attach_adalora(engine)"
+                    )
+                grads[id(copy)] = grad.detach().reshape(copy.shape).float().clone()
+        self.zero_grads = grads
+
+    def _zero_grad(self, copy: torch.Tensor) -> Optional[torch.Tensor]:
+        return (self.zero_grads or {}).get(id(copy))
+
+    def _zero_triplets(self, name: str, live: Mapping[str, Triplet]) -> dict[str, Triplet]:
+        """Whole fp32 copies for the allocator, kept across steps (its EMAs are keyed to them);
+        ZeRO-3 tensors are empty outside a forward, their whole shape is ``ds_shape``."""
+        shapes = {path: tuple(tuple(getattr(t, "ds_shape", t.shape)) for t in trip) for path, trip in live.items()}
+        held = self.zero_copies
+        if held is None or held[0] != name or {p: tuple(t.shape for t in c) for p, c in held[1].items()} != shapes:
+            copies = {
+                path: tuple(torch.zeros(shape, dtype=torch.float32, device=t.device) for shape, t in zip(shapes[path], trip))
+                for path, trip in live.items()
+            }
+            self.zero_copies = held = (name, copies)
+        return held[1]
+
+    @torch.no_grad()
+    def _zero_pull(self, name: str, grads: bool = True) -> None:
+        """The copies take DeepSpeed's fp32 master values; the gradients must have been captured."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if grads and self.zero_grads is None:
+            # too late after engine.step() (ZeRO-2 then raises on the ranks that own a fragment while
+            # the others wait in the all-reduce), too early before it (PEFT masks after the optimizer
+            # step): refused on every rank alike, before any collective
+            raise RuntimeError(
+                f"AdaLoRA adapter '{name}' runs under DeepSpeed ZeRO, whose engine.step() frees the gradients: call "
+                "model.base_model.capture_gradients() after engine.backward(loss) and before engine.step(), then "
+                "update_and_allocate(step) after it, or let deltatune.integrations.deepspeed.attach_adalora(engine) do both"
+            )
+        live = self.tuner.triplets(name)
+        copies = self._zero_triplets(name, live)
+        for path, trip in live.items():
+            for part, param, copy in zip(_PARTS, trip, copies[path]):
+                value = safe_get_full_fp32_param(param)
+                if value is None:
+                    raise ValueError(
+                        f"`{path}.{part}` is a DeepSpeed ZeRO parameter without an fp32 master copy: run the "
+                        "allocator after deepspeed.initialize(...) with an optimizer over the adapter's parameters"
+                    )
+                copy.copy_(value.reshape(copy.shape))
+
+    @torch.no_grad()
+    def _zero_push(self, name: str) -> None:
+        """Write the copies' E (masked) to DeepSpeed's fp32 master and to the model's own weights."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        live = self.tuner.triplets(name)
+        copies = self.zero_copies[1]
+        for path, (_, lora_e, _) in live.items():
+            safe_set_full_fp32_param(lora_e, copies[path][1])
+        partitioned = [trip[1] for trip in live.values() if hasattr(trip[1], "ds_id")]
+        # ZeRO-3: gather E whole, write it (the same values on every rank), repartition from rank 0
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0) if partitioned else contextlib.nullcontext():
+            for path, (_, lora_e, _) in live.items():
+                lora_e.data.copy_(copies[path][1].reshape(lora_e.shape).to(lora_e.dtype))
+
+
+def _zero_managed(triplets: Mapping[str, Triplet]) -> bool:
+    """Whether DeepSpeed ZeRO manages these parameters: ZeRO-3 partitions them (``ds_id``), ZeRO-1/2
+    keep their fp32 master copy and gradient in its own flat buffers (``_hp_mapping``)."""
+    return any(hasattr(t, "ds_id") or hasattr(t, "_hp_mapping") for trip in triplets.values() for t in trip)
+
+
+def _same_tensors(a: Mapping[str, Triplet], b: Mapping[str, Triplet]) -> bool:
+    return a.keys() == b.keys() and all(x is y for k in a for x, y in zip(a[k], b[k]))
