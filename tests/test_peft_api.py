@@ -283,3 +283,19 @@ def test_get_peft_model_mixed(tmp_path):
             dt.get_peft_model(build("mlp")[0], other, mixed=True)
     merged = mixed.merge_and_unload()
     torch.testing.assert_close(out_of(merged, x), both)
+
+
+@pytest.mark.parametrize("method", ["FourierFTConfig", "MissConfig"])
+def test_adding_a_frozen_adapter_keeps_the_others_trainable(method, tmp_path):
+    # PEFT's test_loading_model_requires_grad_set_correctly: load_adapter(is_trainable=False) sets only
+    # the new adapter's flags
+    config = {"target_modules": ["lin0"], **({"n_frequency": 4} if method == "FourierFTConfig" else {"r": 2})}
+    dt.get_peft_model(build("mlp")[0], getattr(dt, method)(**config)).save_pretrained(tmp_path)
+    trainable = {}
+    for lib in (peft, dt):
+        model = lib.PeftModel.from_pretrained(build("mlp")[0], tmp_path, is_trainable=True)
+        model.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
+        model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=False)
+        trainable[lib.__name__] = {a for a in ("default", "other", "opposite")
+                                   if any(f".{a}" in n for n, p in model.named_parameters() if p.requires_grad)}
+    assert trainable["deltatune"] == trainable["peft"] == {"default", "other"}

@@ -103,6 +103,15 @@ def _fill_tied_aliases(module: nn.Module, state_dict: dict, prefix: str, *args: 
             state_dict[prefix + alias] = state_dict[prefix + name]
 
 
+def _adapter_of(name: str) -> Optional[str]:
+    """The adapter a parameter belongs to (``...adapters.<name>...`` or ``...modules_to_save.<name>...``)."""
+    parts = name.split(".")
+    for marker in ("adapters", "modules_to_save"):
+        if marker in parts[:-1]:
+            return parts[parts.index(marker) + 1]
+    return None
+
+
 class PeftModel(nn.Module):
     """A base model with adapters. Built by :func:`get_peft_model` or :meth:`from_pretrained`."""
 
@@ -208,10 +217,16 @@ class PeftModel(nn.Module):
         self._prepare_config(peft_config)
         previous = self.base_model.autocast_adapter_dtype
         self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        # adding an adapter leaves the others' trainability as it was (PEFT only sets the new
+        # adapter's): a trainable adapter stays trainable after a frozen one is loaded beside it
+        grads = {n: p.requires_grad for n, p in self.named_parameters()}
         try:
             self.base_model.inject_adapter(self.base_model.model, adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
         finally:
             self.base_model.autocast_adapter_dtype = previous
+        for n, p in self.named_parameters():
+            if n in grads and _adapter_of(n) not in (None, adapter_name):
+                p.requires_grad_(grads[n])
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
