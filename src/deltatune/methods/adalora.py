@@ -207,6 +207,7 @@ class AdaLoraModel(AdapterModel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.allocation = Allocation(self)  # set first: the hooks AdapterModel.__init__ calls use it
+        self._deltas: dict[str, dict[str, SVDDelta]] = {}  # deltas() per adapter: walked once, not every step
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ method hooks
@@ -226,6 +227,7 @@ class AdaLoraModel(AdapterModel):
         check_trainable(config)
 
     def after_delete(self, adapter_name: str) -> None:
+        self._deltas.pop(adapter_name, None)
         self.allocation.reset()
 
     def fragment_for_save(self, path: str, fragment: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
@@ -260,8 +262,10 @@ class AdaLoraModel(AdapterModel):
 
     def deltas(self, adapter_name: str) -> dict[str, SVDDelta]:
         """``{module path relative to the inner model: delta}`` of an adapter, in module order."""
-        return {path: module.adapters[adapter_name] for path, module in self.model.named_modules()
-                if isinstance(module, AdapterLayer) and adapter_name in module.adapters}
+        if adapter_name not in self._deltas:
+            self._deltas[adapter_name] = {path: module.adapters[adapter_name] for path, module in self.model.named_modules()
+                                          if isinstance(module, AdapterLayer) and adapter_name in module.adapters}
+        return self._deltas[adapter_name]
 
     def triplets(self, adapter_name: Optional[str] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``{module path: (lora_A, lora_E, lora_B)}`` of an adapter (default: the trainable one)."""
