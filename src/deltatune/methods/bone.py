@@ -280,6 +280,8 @@ class BatDelta(Delta):
 
 class BoneModel(AdapterModel):
     """Creates a Bone/BAT model from a pretrained model: ``BoneModel(model, config, "default")``."""
+    config_cls = BoneConfig
+    prefix = "bone_"
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
@@ -288,8 +290,6 @@ class BoneModel(AdapterModel):
         if config.init_weights == "bat":
             if spec.in_features % r or spec.out_features % r:
                 raise ValueError(
-    config_cls = BoneConfig
-    prefix = "bone_"
                     f"The weight matrix must be fully divisible into [r, r] blocks. Module '{key}' has "
                     f"(out, in) = ({spec.out_features}, {spec.in_features}) and r = {r}."
                 )

@@ -117,14 +117,14 @@ class MissBatDelta(_MissBlock, BatDelta):
 
 class MissModel(AdapterModel):
     """Creates a MiSS model from a pretrained model: ``MissModel(model, config, "default")``."""
+    config_cls = MissConfig
+    prefix = "miss_"
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
     def make_delta(self, config: MissConfig, adapter_name: str, base_layer: nn.Module, spec: LayerSpec, key: str) -> Delta:
         r, out_f, in_f = config.r, spec.out_features, spec.in_features
         # PEFT 0.21.2 refuses r > in_features; Bone (PEFT 0.18.1) allowed it (the input is zero-padded to
-    config_cls = MissConfig
-    prefix = "miss_"
         # r), and a Bone adapter written as MiSS must load here, so it is allowed
         if config.init_weights == "bat":
             if in_f % r or out_f % r:

@@ -129,6 +129,8 @@ class RandLoraDelta(Delta):
 
 class RandLoraModel(AdapterModel):
     """Creates a RandLoRA model: ``RandLoraModel(model, config, "default")``."""
+    config_cls = RandLoraConfig
+    prefix = "randlora_"
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
 
@@ -146,8 +148,6 @@ class RandLoraModel(AdapterModel):
                 raise ValueError(
                     f"RandLora PRNG initialisation key must be the same for all adapters. Got "
                     f"config.projection_prng_key={config.projection_prng_key} but previous config had "
-    config_cls = RandLoraConfig
-    prefix = "randlora_"
                     f"{other.projection_prng_key}."
                 )
             if other.save_projection != config.save_projection:
