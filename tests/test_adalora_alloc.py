@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 import peft  # noqa: E402  (pinned test dependencies: imported, never skipped)
-import transformers  # noqa: F401,E402
 
 import deltatune as dt
 from deltatune.methods._adalora_alloc import orthogonal_regularization

@@ -121,8 +121,8 @@ class AdaLoraConfig(_LoraFields):
             warnings.warn(f"AdaLoRA treats init_lora_weights={self.init_lora_weights!r} as True (as PEFT does)")
         for name in [n for n, (_, d) in _LORA_FIELDS.items() if not _same(getattr(self, n), d)]:
             if name in _LORA_REFUSED:  # DoRA and LoftQ (PEFT refuses them too), and what would change the model
-                raise ValueError(f"AdaLoraConfig: {name}={getattr(self, name)!r} is not supported by AdaLoRA "
-                                 f"(no DoRA, LoftQ or other LoRA variant); leave it at {_LORA_FIELDS[name][1]!r}")
+                raise ValueError(f"AdaLoraConfig: {name}={getattr(self, name)!r} is not supported: AdaLoRA has no DoRA, "
+                                 f"LoftQ or other LoRA build option; leave it at {_LORA_FIELDS[name][1]!r}")
             warnings.warn(f"AdaLoraConfig ignores {name}={getattr(self, name)!r}: AdaLoRA does not use it (nor does "
                           "PEFT's)" + ("; the initial rank of every module is `init_r`" if name == "r" else ""))
         self.rank_pattern = check_rank_pattern(self.rank_pattern)
