@@ -19,6 +19,8 @@ The DeepSpeed configuration is built here and handed to accelerate through ``Dee
    runs after it, the same on every rank; the loop itself is unchanged.
 4. ``save_on_main`` gathers the ZeRO-3-partitioned adapter tensors on every rank and rank 0 alone
    writes a PEFT checkpoint that loads into a model without DeepSpeed.
+5. Before saving, ``check_replicated`` (inside ``gathered_adapters`` for ZeRO-3) confirms that the
+   trained adapter is bitwise equal on every rank.
 
 On CPUs DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``) would JIT-compile a shared-memory
 all-reduce kernel when its process group starts; ``--cpu`` turns that off and gloo does the work.
@@ -42,7 +44,7 @@ from accelerate_train import CONFIGS, build_model, counting_sequences  # noqa: E
 
 import deltatune as dt  # noqa: E402
 from deltatune.integrations.deepspeed import attach_adalora  # noqa: E402
-from deltatune.integrations.distributed import check_replicated, save_on_main  # noqa: E402
+from deltatune.integrations.distributed import check_replicated, gathered_adapters, save_on_main  # noqa: E402
 
 
 def deepspeed_config(args: argparse.Namespace) -> dict:
@@ -58,14 +60,17 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
     }
 
 
-def zero_init(config: dict):
+def zero_init(config: dict, model: str | None = None):
     """``deepspeed.zero.Init``: parameters are partitioned as the modules are built. Import the model
     classes (and ``torch._dynamo``, which transformers pulls in lazily) first: zero.Init patches tensor
     creation, and importing them inside it fails."""
     import deepspeed
     import torch._dynamo  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401
+    from transformers import AutoConfig, LlamaForCausalLM  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if model is not None:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model))]  # imports the model's class
     return deepspeed.zero.Init(config_dict_or_path=config)
 
 
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=handlers)
     set_seed(args.seed)  # 1. the same base model and adapter on every process
 
-    with zero_init(config) if args.zero_init else contextlib.nullcontext():
+    with zero_init(config, args.model) if args.zero_init else contextlib.nullcontext():
         model = dt.get_peft_model(build_model(args.model, args.seed), CONFIGS[args.method](args))
     check_replicated(model)
     if accelerator.is_main_process and not args.zero_init:  # zero.Init's partitioned tensors report numel() 0
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
             if step == args.steps:
                 break
 
+    with gathered_adapters(model):  # 5. the same adapter on every rank
+        check_replicated(model, parameters=True, names=[n for n, p in model.named_parameters() if p.requires_grad])
     save_on_main(model, args.output)  # 4. ZeRO-3 tensors gathered; rank 0 writes, every rank waits
     log = {"method": args.method, "zero": args.zero, "zero_init": args.zero_init,
            "processes": accelerator.num_processes, "losses": losses}
