@@ -226,13 +226,15 @@ def train_method(args: TrainArgs, log: Callable[[str], None] = print, data: Opti
 def run_train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``deltatune train``: :func:`train_method`, then with ``--baseline`` the head-only run on the same
     data, seed and batches (its metrics go under ``baseline`` in the first run's ``metrics.json``)."""
-    result = train_method(args, log)
-    if not (args.baseline and result["method"] != HEAD and detect_task(args.task, args.model).has_head):
+    plan = prepare(args)
+    data = load_data(plan.task, args.data, args.test_data, args.text_column, args.label_column, args.limit)
+    result = train_method(args, log, data)
+    if not (args.baseline and not plan.spec.is_head and plan.task.has_head):
         return result
     log(f"[head] head-only baseline: the same data, seed and {args.steps} batches, no adapter")
     head_args = replace(args, method=HEAD, sets={}, config_file=None, eval_before=False, baseline=False, peft=False,
                         lr=None, save=False, output=None)
-    baseline = train_method(head_args, log)
+    baseline = train_method(head_args, log, data)
     result["baseline_accuracy"] = baseline["accuracy"]
     result["baseline"] = baseline
     if result["output"]:
