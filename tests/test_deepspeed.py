@@ -131,7 +131,7 @@ def test_without_deepspeed_gradients_stay_in_grad():
     model(mlp_input()).pow(2).mean().backward()
     tuner = model.base_model
     tuner.capture_gradients()
-    assert tuner._zero_grads is None and tuner._zero_copies is None
+    assert tuner.allocation.zero_grads is None and tuner.allocation.zero_copies is None
     assert tuner.update_and_allocate(0) is None  # warm-up step: scores only
     assert tuner.update_and_allocate(1) is not None  # pruned from the .grad values
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -64,8 +64,9 @@ def _adalora_tuner(engine: nn.Module):
 class AdaLoraAttachment:
     """The handle :func:`attach_adalora` returns; :meth:`remove` restores the engine's own ``step``."""
 
-    def __init__(self, engine: Any, tuner: Any, original: Any) -> None:
+    def __init__(self, engine: Any, tuner: Any, original: Any, start_step: int) -> None:
         self.engine, self.tuner, self._original = engine, tuner, original
+        self.optimizer_step = start_step  # the step update_and_allocate gets next
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         engine, tuner = self.engine, self.tuner
@@ -74,8 +75,8 @@ class AdaLoraAttachment:
             tuner.capture_gradients()  # engine.step() frees them
         out = self._original(*args, **kwargs)
         if boundary and engine.was_step_applied():  # a step skipped for fp16 overflow is not counted
-            tuner.update_and_allocate(tuner.optimizer_step)
-            tuner.optimizer_step += 1
+            tuner.update_and_allocate(self.optimizer_step)
+            self.optimizer_step += 1
         return out
 
     def remove(self) -> None:
@@ -99,8 +100,7 @@ def attach_adalora(engine: Any, start_step: int = 0) -> AdaLoraAttachment:
         previous.remove()
     tuner = _adalora_tuner(engine)
     tuner._require_trainable()
-    tuner.optimizer_step = start_step
-    handle = AdaLoraAttachment(engine, tuner, engine.step)
+    handle = AdaLoraAttachment(engine, tuner, engine.step, start_step)
     engine.__dict__["step"] = handle.step  # instance attribute: accelerate's wrapper calls engine.step() too
     engine.__dict__["_deltatune_adalora"] = handle
     return handle

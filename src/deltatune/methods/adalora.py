@@ -16,11 +16,10 @@ Training loops: ``deltatune.integrations.adalora``, ``.transformers`` (``AdaLora
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, ClassVar, Optional, Union
 
@@ -31,52 +30,16 @@ import torch.nn.functional as F
 from ..config import TunerConfig
 from ..core.layer import AdapterLayer, Delta, LayerSpec
 from ..core.registry import register_method
+from ..core.targeting import ADALORA_DEFAULT_TARGETS
 from ..core.tuner import AdapterModel, find_tuner
 from . import _device
 from ._adalora_alloc import (Allocation, check_rank_pattern, check_schedule, check_trainable, pattern_by_path,
                              resize_to_pattern, slice_ranks)
 from ._adalora_alloc import orthogonal_regularization as _orth_reg
-
-# PEFT's own default-target table for AdaLoRA (it differs from LoRA's for t5, bart, opt, roberta, …).
-ADALORA_DEFAULT_TARGETS: dict[str, Any] = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"], "bert": ["query", "value"],
-    "roberta": ["query", "key", "value", "dense"], "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
-    "gpt_bigcode": ["c_attn"], "deberta": ["in_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
-
-# ------------------------------------------------------------------------------------------ config
-
-# The LoRA fields PEFT's AdaLoraConfig inherits from LoraConfig and AdaLoRA does not use, with PEFT
-# 0.21.2's defaults: they exist so that PEFT's calls (AdaLoraConfig(r=...), dataclasses.replace) and
-# files work here. to_dict leaves the defaults out (the file stays as without these fields).
-_LORA_FIELDS: dict[str, tuple[Any, Any]] = {
-    "r": (int, 8), "use_rslora": (bool, False), "alpha_pattern": (Optional[dict], {}), "lora_bias": (bool, False),
-    "use_qalora": (bool, False), "qalora_group_size": (int, 16), "megatron_config": (Optional[dict], None),
-    "megatron_core": (Optional[str], "megatron.core"), "ensure_weight_tying": (bool, False),
-    **{name: (Optional[dict], None) for name in ("eva_config", "corda_config", "lora_ga_config", "kasa_config",
-                                                 "monteclora_config", "velora_config", "arrow_config", "use_bdlora")},
-    "use_dora": (bool, False), "loftq_config": (dict, {}), "layer_replication": (Optional[list], None),
-    "target_parameters": (Optional[list[str]], None), "alora_invocation_tokens": (Optional[list[int]], None),
-    "trainable_token_indices": (Optional[Union[list[int], dict]], None),
-}
-# set to anything but their default, these would change what PEFT builds: refused
-_LORA_REFUSED = ("use_dora", "loftq_config", "layer_replication", "target_parameters", "alora_invocation_tokens",
-                 "trainable_token_indices")
-_EMPTY = (None, {}, [], ())
-_LoraFields = dataclasses.make_dataclass("_LoraFields", [
-    (name, hint, field(default_factory=dict) if default == {} else field(default=default))
-    for name, (hint, default) in _LORA_FIELDS.items()
-], bases=(TunerConfig,))
-
+from ._lora_fields import LoraFields, check_lora_fields, without_default_lora_fields
 
 @dataclass
-class AdaLoraConfig(_LoraFields):
+class AdaLoraConfig(LoraFields):
     """Configuration of an AdaLoRA adapter (PEFT's ``AdaLoraConfig``).
 
     Schedule, in optimizer steps: ``tinit`` warm-up steps at the full budget, a cubic decrease of the
@@ -119,23 +82,11 @@ class AdaLoraConfig(_LoraFields):
         if isinstance(self.init_lora_weights, str):
             # PEFT's AdaLoRA only tests truthiness: every LoRA init name acts as True
             warnings.warn(f"AdaLoRA treats init_lora_weights={self.init_lora_weights!r} as True (as PEFT does)")
-        for name in [n for n, (_, d) in _LORA_FIELDS.items() if not _same(getattr(self, n), d)]:
-            if name in _LORA_REFUSED:  # DoRA and LoftQ (PEFT refuses them too), and what would change the model
-                raise ValueError(f"AdaLoraConfig: {name}={getattr(self, name)!r} is not supported: AdaLoRA has no DoRA, "
-                                 f"LoftQ or other LoRA build option; leave it at {_LORA_FIELDS[name][1]!r}")
-            warnings.warn(f"AdaLoraConfig ignores {name}={getattr(self, name)!r}: AdaLoRA does not use it (nor does "
-                          "PEFT's)" + ("; the initial rank of every module is `init_r`" if name == "r" else ""))
+        check_lora_fields(self)
         self.rank_pattern = check_rank_pattern(self.rank_pattern)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().to_dict().items() if k not in _LORA_FIELDS or not _same(v, _LORA_FIELDS[k][1])}
-
-
-def _same(value: Any, default: Any) -> bool:
-    return value == default or (value in _EMPTY and default in _EMPTY)
-
-
-# ------------------------------------------------------------------------------------------ delta
+        return without_default_lora_fields(super().to_dict())
 
 
 class SVDDelta(Delta):
@@ -188,9 +139,6 @@ class SVDDelta(Delta):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, ranknum={float(self.ranknum):g}"
-
-
-# ------------------------------------------------------------------------------------------ model
 
 
 class AdaLoraModel(AdapterModel):
@@ -304,9 +252,6 @@ class AdaLoraModel(AdapterModel):
     def set_total_step(self, total_step: int) -> None:
         """Change the schedule length of the trainable adapter (e.g. to the trainer's step count)."""
         self.allocation.set_total_step(total_step)
-
-    _zero_grads = property(lambda self: self.allocation.zero_grads)  # read by tests/test_deepspeed.py
-    _zero_copies = property(lambda self: self.allocation.zero_copies)
 
     # ------------------------------------------------------------------ forward: L = C + γ·R
     def forward(self, *args: Any, **kwargs: Any) -> Any:
