@@ -220,12 +220,7 @@ def _grads(model):
 
 # Method-side graph breaks, reported to the method's author (method files are theirs). Strict:
 # once fixed, the xfail turns into a failure, so this table and the README's are updated.
-KNOWN_GRAPH_BREAKS = {
-    "FOURIERFT": (
-        "in training mode the FFT path (fourier_linear's autograd.Function in methods/_fourier_ops.py: sparse CSR "
-        "frequency map) has dynamic-shape operators that break the graph ~8 times; eval and no_grad are break-free"
-    ),
-}
+KNOWN_GRAPH_BREAKS: dict[str, str] = {}  # none at present (FourierFT's training forward is break-free now)
 
 
 def _breaks_param(case):
