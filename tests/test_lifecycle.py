@@ -25,8 +25,10 @@ def make(case, adapter_name="default", **kw):
 
 
 def trained(case):
+    """An adapter as after training: adapter tensors random, modules_to_save copies changed."""
     model, inputs, expected = make(case)
     randomize_adapters(model)
+    train_modules_to_save(model)
     return model, inputs, expected
 
 
