@@ -33,7 +33,9 @@ def provides_module(name: str) -> bool:
 
 
 def _public(*names):
-    return {n: getattr(dt, n) for n in names if hasattr(dt, n)}
+    from deltatune import peft_model  # PeftMixedModel lives there (not yet exported by deltatune/__init__)
+
+    return {n: getattr(dt, n, None) or getattr(peft_model, n) for n in names if hasattr(dt, n) or hasattr(peft_model, n)}
 
 
 def _mapping_tables():
@@ -61,7 +63,7 @@ def _mapping_tables():
 @functools.lru_cache(maxsize=None)
 def overrides(module: str) -> dict:
     top = {n: getattr(dt, n) for n in dt.__all__}
-    top.update({"PeftMixedModel": getattr(dt, "PeftMixedModel", None)} if hasattr(dt, "PeftMixedModel") else {})
+    top.update(_public("PeftMixedModel"))
     models = _public("PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
                      "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
                      "get_layer_status", "get_model_status")
