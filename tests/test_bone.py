@@ -56,60 +56,60 @@ def test_bat_is_the_blockwise_affine_transform_and_unmerge_inverts_it():
 
 
 def test_bat_gradients_match_autograd_through_the_dense_transform():
-    from deltatune.methods.bone import _BatLinear, _bat_weight
+    from deltatune.methods._bone_ops import BatLinear, bat_weight
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 12, generator=g, dtype=torch.float64)
     block = torch.randn(4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b, c: _BatLinear.apply(x, w, b, c), (x, block, bias))
-    dense = nn.functional.linear(x, _bat_weight(w, block), bias)
-    torch.testing.assert_close(_BatLinear.apply(x, w, block, bias), dense)
+    assert torch.autograd.gradcheck(lambda x, b, c: BatLinear.apply(x, w, b, c), (x, block, bias))
+    dense = nn.functional.linear(x, bat_weight(w, block), bias)
+    torch.testing.assert_close(BatLinear.apply(x, w, block, bias), dense)
 
 
 def test_bat_gradient_of_the_block_alone_when_the_input_needs_none():
     # without grad_x the forward keeps no W(I+B) chunks and reuses one buffer
-    from deltatune.methods.bone import _BatLinear, _bat_weight, _row_chunks
+    from deltatune.methods._bone_ops import BatLinear, bat_weight, row_chunks
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 12, generator=g, dtype=torch.float64)
     block = torch.randn(4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    assert len(_row_chunks(4, 2, 12, elements=48)) == 2  # two chunks: the buffer is reused
-    import deltatune.methods.bone as bone
+    assert len(row_chunks(4, 2, 12, elements=48)) == 2  # two chunks: the buffer is reused
+    import deltatune.methods._bone_ops as ops
 
-    real = bone._row_chunks
-    bone._row_chunks = lambda ni, r, n_in: real(ni, r, n_in, elements=48)
+    real = ops.row_chunks
+    ops.row_chunks = lambda ni, r, n_in: real(ni, r, n_in, elements=48)
     try:
-        assert torch.autograd.gradcheck(lambda b: _BatLinear.apply(x, w, b, None), (block,))
-        dense = nn.functional.linear(x, _bat_weight(w, block))
-        torch.testing.assert_close(_BatLinear.apply(x, w, block, None), dense)
+        assert torch.autograd.gradcheck(lambda b: BatLinear.apply(x, w, b, None), (block,))
+        dense = nn.functional.linear(x, bat_weight(w, block))
+        torch.testing.assert_close(BatLinear.apply(x, w, block, None), dense)
     finally:
-        bone._row_chunks = real
+        ops.row_chunks = real
 
 
 @pytest.mark.parametrize("in_f, r", [(12, 4), (10, 4), (10, 16)])  # even, a padded tail chunk, r > in
 @pytest.mark.parametrize("bias", [True, False])
 def test_bone_fused_layer_matches_the_dense_delta(in_f, r, bias):
-    from deltatune.methods.bone import _BoneLinear
+    from deltatune.methods._bone_ops import BoneLinear
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, in_f, generator=g, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
     block = torch.randn(r, 6, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 3, in_f, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, blk: _BoneLinear.apply(x, w, blk, b), (x, block))
+    assert torch.autograd.gradcheck(lambda x, blk: BoneLinear.apply(x, w, blk, b), (x, block))
     dw = block.T.repeat(1, -(-in_f // r))[:, :in_f]  # ΔW[o, i] = B[i mod r, o]
-    torch.testing.assert_close(_BoneLinear.apply(x, w, block, b), nn.functional.linear(x, w + dw, b))
+    torch.testing.assert_close(BoneLinear.apply(x, w, block, b), nn.functional.linear(x, w + dw, b))
 
 
 def test_bone_layer_uses_the_fused_node_only_for_a_frozen_base():
     model = dt.get_peft_model(one_layer(), dt.BoneConfig(r=4, target_modules=["0"]))
     x = torch.randn(3, 10)
-    assert type(model(x).grad_fn).__name__ == "_BoneLinearBackward"
+    assert type(model(x).grad_fn).__name__ == "BoneLinearBackward"
     model.base_model.model[0].base_layer.weight.requires_grad_(True)  # a trained base weight: the plain path
-    assert type(model(x).grad_fn).__name__ != "_BoneLinearBackward"
+    assert type(model(x).grad_fn).__name__ != "BoneLinearBackward"
 
 
 def test_bone_merge_works_when_r_exceeds_in_features():  # PEFT 0.18.1 crashes here
