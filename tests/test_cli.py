@@ -208,12 +208,10 @@ def test_a_new_method_joins_the_cli_through_its_config_alone(monkeypatch):
     assert "toybat" in options.describe_methods() and "lr 0.123" in options.describe_methods()
     assert options.method_from_config_file({"peft_type": "VERA", "init_weights": "bat"}, "x").name == "toybat"
 
-    # ... and the CLI's own code names no method (the temporary AdaLoRA preset aside)
+    # ... and the CLI's own code names no method
     cli = Path(options.__file__).parent
     registered = "|".join(sorted(options.registered_methods()))
     for path in sorted(cli.glob("*.py")):
-        if path.name == "_pending_presets.py":
-            continue
         found = re.findall(rf"[\"']({registered})[\"']", path.read_text())
         assert not found, f"{path.name} names methods {found}"
 

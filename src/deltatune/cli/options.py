@@ -62,12 +62,8 @@ class Preset:
 
 def preset_of(config_cls: type) -> Preset:
     """The :class:`Preset` a config class declares (``CLI_PRESET``, ``cli_derived``)."""
-    from ._pending_presets import PENDING  # methods whose file does not declare a preset yet
-
     data = getattr(config_cls, "CLI_PRESET", None)
     derive = getattr(config_cls, "cli_derived", None)
-    if data is None and getattr(config_cls, "PEFT_TYPE", None) in PENDING:
-        data, derive = PENDING[config_cls.PEFT_TYPE]
     data = dict(data or {})
     unknown = set(data) - {"fields", "lr", "why", "aliases"}
     if unknown:

@@ -49,6 +49,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def schedule_for_steps(values: dict[str, Any], steps: Optional[int] = None) -> dict[str, Any]:
+    """A budget schedule for ``steps`` optimizer steps (the CLI's default): ``tinit`` = 10 % at init_r,
+    a cubic decrease to target_r until total_step − tfinal (the last 30 % keep the final pattern),
+    about 20 re-allocations. ``values``: the fields set so far (a different total_step warns)."""
+    if not steps:
+        return {}
+    if values.get("total_step") not in (None, steps):
+        warnings.warn(f"AdaLoRA total_step={values['total_step']} differs from the {steps} training steps")
+    tinit, tfinal = steps // 10, (3 * steps) // 10
+    if steps - tfinal - tinit < 2:  # too short to budget: prune once at the end of warm-up
+        tinit, tfinal = 0, 0
+    return {"total_step": steps, "tinit": tinit, "tfinal": tfinal, "deltaT": max(1, (steps - tinit - tfinal) // 20)}
+
+
 def check_schedule(config: Any, total_step: Any = None) -> None:
     """The budget schedule's values (§3.3), checked in this one place: when a config is created and
     when ``set_total_step`` changes ``total_step`` (given here; default: the config's own)."""

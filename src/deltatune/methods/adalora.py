@@ -34,7 +34,7 @@ from ..core.targeting import ADALORA_DEFAULT_TARGETS
 from ..core.tuner import AdapterModel, find_tuner
 from . import _device
 from ._adalora_alloc import (Allocation, check_rank_pattern, check_schedule, check_trainable, pattern_by_path,
-                             resize_to_pattern, slice_ranks)
+                             resize_to_pattern, schedule_for_steps, slice_ranks)
 from ._adalora_alloc import orthogonal_regularization as _orth_reg
 from ._lora_fields import LoraFields, check_lora_fields, without_default_lora_fields
 
@@ -51,6 +51,11 @@ class AdaLoraConfig(LoraFields):
     """
 
     PEFT_TYPE: ClassVar[str] = "ADALORA"
+    # deltatune's command line (read through the registry): sizes, adapter lr; the schedule from --steps
+    CLI_PRESET: ClassVar[dict] = {"fields": {"init_r": 12, "target_r": 8}, "lr": 1e-2, "why": (
+        "ΔW = B·diag(E)·A·lora_alpha/ranknum; rank budget 12 → 8 per module, pruned between tinit and "
+        "total_step − tfinal (set from --steps)")}
+    cli_derived = classmethod(lambda cls, values, steps=None: schedule_for_steps(values, steps))
 
     target_r: int = 8
     init_r: int = 12
