@@ -26,7 +26,7 @@ import deltatune as dt
 from deltatune.cli import data as cli_data
 from deltatune.cli import models as cli_models
 from deltatune.cli.options import build_config, learning_rates, resolve_method
-from deltatune.cli.train import param_groups
+from deltatune.cli.backends import param_groups
 from deltatune.integrations.transformers import AdapterTrainer
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import backends
-from .backends import param_groups  # noqa: F401  # examples/trainer_adapter_only.py imports it from here
 from .options import HEAD, MethodSpec, UsageError, build_config, learning_rates, method_from_config_file, read_config_file, resolve_method
 from .tasks import Task, TaskData, detect_task, load_data
 
