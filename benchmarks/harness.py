@@ -44,29 +44,12 @@ def time_interleaved(contenders: dict[str, Callable[[], None]], passes: int = 5,
 
 
 def peak_memory(fn: Callable[[], None]) -> int:
-    """Peak bytes of tensor storage allocated during ``fn()`` (above the level before the call)."""
+    """Peak bytes of tensor storage allocated during ``fn()`` (above the level before the call), after
+    one warm-up call; the measurement ``deltatune train`` reports (deltatune.cli.measure)."""
+    from deltatune.cli.measure import peak_tensor_bytes
+
     fn()  # warm-up outside the measurement
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    from torch._C._profiler import _EventType
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    allocations = sorted(
-        (n for n in walk(prof.profiler.kineto_results.experimental_event_tree()) if n.tag == _EventType.Allocation),
-        key=lambda n: n.start_time_ns,
-    )
-    if not allocations:
-        return 0
-    # total_allocated is the allocator's running total after each event
-    first = allocations[0].extra_fields
-    start = first.total_allocated - first.alloc_size
-    return max(n.extra_fields.total_allocated for n in allocations) - start
+    return peak_tensor_bytes(fn)[1]
 
 
 def mib(n: int) -> float:
