@@ -21,7 +21,7 @@ from .config import PeftConfig, TunerConfig, config_class_for
 from .core.layer import AdapterLayer
 from .core.modules_to_save import ModulesToSaveWrapper
 from .core.registry import method_for
-from .core.tuner import AdapterModel
+from .core.tuner import AdapterModel, adapter_modules, adapter_parts, set_requires_grad  # noqa: F401 (PEFT's name)
 from .io.files import checkpoint_files, load_weights_file, resolve_local_dir
 from .io.state_dict import TUNER_ATTR, tuner_of
 
@@ -79,29 +79,6 @@ def inject_adapter_in_model(
 # ------------------------------------------------------------------------------------ trainability
 
 
-def _adapter_modules(model: nn.Module) -> list[tuple[str, Union[AdapterLayer, ModulesToSaveWrapper]]]:
-    return [(k, m) for k, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
-
-
-def _adapter_parts(module: Union[AdapterLayer, ModulesToSaveWrapper]) -> nn.ModuleDict:
-    return module.adapters if isinstance(module, AdapterLayer) else module.modules_to_save
-
-
-def set_requires_grad(model: nn.Module, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
-    """Make the named adapters' parameters (and their modules_to_save copies) trainable or frozen,
-    whether or not they are active. The next ``set_adapter`` sets trainability afresh, as in PEFT."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    known = set().union(*(set(_adapter_parts(m)) for _, m in _adapter_modules(model))) if _adapter_modules(model) else set()
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"set_requires_grad: adapters {unknown} not found; known adapters: {sorted(known)}")
-    for _, module in _adapter_modules(model):
-        parts = _adapter_parts(module)
-        for name in names:
-            if name in parts:
-                parts[name].requires_grad_(requires_grad)
-
-
 # ------------------------------------------------------------------------------------ status
 
 
@@ -151,8 +128,8 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 
     statuses = []
     # names relative to the tuner for a PeftModel (``model.lin0``), as PEFT reports them
-    for name, module in _adapter_modules(model.base_model if isinstance(model, PeftModel) else model):
-        parts = _adapter_parts(module)
+    for name, module in adapter_modules(model.base_model if isinstance(model, PeftModel) else model):
+        parts = adapter_parts(module)
         grads = {k: _all_or_irregular([p.requires_grad for p in part.parameters()]) for k, part in parts.items()
                  if any(True for _ in part.parameters())}
         devices = {k: sorted({t.device.type for t in [*part.parameters(), *part.buffers()]}) for k, part in parts.items()}

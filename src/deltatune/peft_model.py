@@ -20,7 +20,7 @@ from .config import PeftConfig, TunerConfig
 from .core.layer import AdapterLayer
 from .core.modules_to_save import ModulesToSaveWrapper
 from .core.registry import method_for
-from .core.tuner import AdapterModel
+from .core.tuner import AdapterModel, set_requires_grad
 from .io.files import (
     CheckpointFiles,
     checkpoint_files,
@@ -195,8 +195,6 @@ class PeftModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Make the named adapters (and their modules_to_save copies) trainable or frozen, active or not."""
-        from .api import set_requires_grad
-
         set_requires_grad(self.base_model.model, adapter_names, requires_grad)
 
     def get_base_model(self) -> nn.Module:

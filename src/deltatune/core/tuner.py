@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,31 @@ def find_tuner(model: Any, cls: Optional[type["AdapterModel"]] = None) -> "Adapt
 def _replace(model: nn.Module, key: str, new: nn.Module) -> None:
     parent, _, child = key.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, Union[AdapterLayer, ModulesToSaveWrapper]]]:
+    """Every module of ``model`` that holds per-adapter tensors, with its path."""
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+
+
+def adapter_parts(module: Union[AdapterLayer, ModulesToSaveWrapper]) -> nn.ModuleDict:
+    """adapter name -> its tensors' module, in an AdapterLayer or a ModulesToSaveWrapper."""
+    return module.adapters if isinstance(module, AdapterLayer) else module.modules_to_save
+
+
+def set_requires_grad(model: nn.Module, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+    """Make the named adapters' parameters (and their modules_to_save copies) trainable or frozen,
+    whether or not they are active. The next ``set_adapter`` sets trainability afresh, as in PEFT."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = set().union(*(set(adapter_parts(m)) for _, m in adapter_modules(model))) if adapter_modules(model) else set()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"set_requires_grad: adapters {unknown} not found; known adapters: {sorted(known)}")
+    for _, module in adapter_modules(model):
+        parts = adapter_parts(module)
+        for name in names:
+            if name in parts:
+                parts[name].requires_grad_(requires_grad)
 
 
 class AdapterModel(nn.Module):
