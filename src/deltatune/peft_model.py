@@ -346,13 +346,13 @@ class PeftModel(nn.Module):
             peft_model.eval()
         return peft_model
 
-    def _load_weights(self, files: CheckpointFiles, adapter_name: str, assign: bool, device: Any = None) -> None:
+    def _load_weights(self, files: CheckpointFiles, adapter_name: str, assign: bool, device: Any = None) -> LoadResult:
         if files.weights is None:
             raise FileNotFoundError(f"No adapter_model.safetensors or adapter_model.bin found in {files.folder}")
         tensors = load_weights_file(files.weights, device=device or "cpu")
         recorded = weights_metadata(files.weights).get(LAYER_SHAPES_KEY)
         check_layer_shapes(self.base_model, adapter_name, recorded, files.weights)
-        load_adapter_state(self.base_model, tensors, adapter_name, assign=assign)
+        return LoadResult(*load_adapter_state(self.base_model, tensors, adapter_name, assign=assign))
 
     def load_adapter(
         self,
@@ -376,7 +376,7 @@ class PeftModel(nn.Module):
         before = _ModelState(self.base_model.model)
         try:
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
-            self._load_weights(files, adapter_name, low_cpu_mem_usage, torch_device)
+            result = self._load_weights(files, adapter_name, low_cpu_mem_usage, torch_device)
         except BaseException:
             if adapter_name in self.peft_config and adapter_name not in known:
                 self.base_model.delete_adapter(adapter_name)
@@ -386,7 +386,7 @@ class PeftModel(nn.Module):
             self.set_requires_grad(adapter_name, True)
         else:
             self.eval()
-        return LoadResult([], [])
+        return result  # a file is loaded strictly: a missing or unexpected key has raised
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write (or complete) ``output_dir/README.md`` for the active adapter, as PEFT does."""
