@@ -128,7 +128,7 @@ CATEGORIES = [
           r"to require grad|Expected \('base_model|Tensor.__contains__"),
     ("c", r"'(LORA|LOHA|LOKR)' is not compatible|Unknown peft_type 'LORA'"),
     ("d", r"KeyError: 'base_model.model.linN.adapters.default.bone_block'|odict_keys|Nlayers\.\.linN|assert N == N|"
-          r"^AssertionError$"),
+          r"^AssertionError$|^assert not True$"),
     ("b", r"."),
 ]
 
