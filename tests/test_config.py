@@ -16,7 +16,7 @@ def test_defaults_and_json_round_trip(tmp_path):
     assert (config.r, config.init_weights, config.bias, config.peft_type) == (64, True, "none", "BONE")
     config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "BONE" and data["target_modules"] == ["q", "v"] and data["peft_version"] == dt.__version__
+    assert data["peft_type"] == "BONE" and data["target_modules"] == ["q", "v"] and data["peft_version"] == f"0.21.2@deltatune-{dt.__version__}"
     again = dt.BoneConfig.from_pretrained(tmp_path)
     assert again.to_dict() == config.to_dict()
     generic = dt.PeftConfig.from_pretrained(tmp_path)

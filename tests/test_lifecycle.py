@@ -212,7 +212,7 @@ def test_two_adapters_activate_switch_delete(case):
     out_other = out_of(model, inputs)
     assert not torch.allclose(out_other, out_default, atol=1e-5)
     if case.config().modules_to_save:
-        with pytest.raises(ValueError, match="Attempted to set multiple"):
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
             model.base_model.set_adapter(["default", "other"])
         model.base_model.set_adapter(["other"])
         model.merge_adapter()

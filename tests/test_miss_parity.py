@@ -137,6 +137,26 @@ def test_miss_config_fields_and_errors_match_peft():
     base, _ = build("mlp")
     with pytest.raises(ValueError, match="module 'lin1' has out_features 8, mini_r = 3"):
         dt.get_peft_model(base, dt.MissConfig(r=4, target_modules=["lin1"], init_weights="mini", mini_r=3))
-    # r > in_features: refused by PEFT 0.21.2, allowed here as Bone allowed it (zero-padded input)
-    model = dt.get_peft_model(build("mlp")[0], dt.MissConfig(r=16, target_modules=["lin0"], init_weights=False))
-    assert model.base_model.model.lin0.adapters["default"].miss_block.shape == (16, 20)
+    # r > in_features: refused by both, with PEFT's words (Bone, PEFT 0.18.1's method, allows it)
+    for init in (True, False, "mini", "bat"):
+        for lib in (dt, peft):
+            with pytest.raises(ValueError, match=r"`r` \(16\) must be less than or equal to in_features \(10\)"):
+                lib.get_peft_model(build("mlp")[0], lib.MissConfig(r=16, target_modules=["lin0"], init_weights=init))
+    bone = dt.get_peft_model(build("mlp")[0], dt.BoneConfig(r=16, target_modules=["lin0"], init_weights=False))
+    assert bone.base_model.model.lin0.adapters["default"].bone_block.shape == (16, 20)
+
+
+def test_saved_files_name_the_peft_release_of_their_format(tmp_path):
+    """peft_version is "<PEFT release of the format>@deltatune-<version>": PEFT reads the release
+    (the part before "@"), so its checks see a real PEFT version and it loads the file silently."""
+    import warnings
+
+    model = dt.get_peft_model(build("mlp")[0], dt.BoneConfig(r=4, target_modules=["lin0"]))
+    model.save_pretrained(tmp_path / "miss")
+    model.save_pretrained(tmp_path / "bone", peft_format="BONE")
+    version = {f: json.loads((tmp_path / f / "adapter_config.json").read_text())["peft_version"] for f in ("miss", "bone")}
+    assert version == {"miss": f"0.21.2@deltatune-{dt.__version__}", "bone": f"0.18.1@deltatune-{dt.__version__}"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = peft.PeftModel.from_pretrained(build("mlp")[0], tmp_path / "miss")
+    assert loaded.peft_config["default"].peft_version == version["miss"]

@@ -35,6 +35,7 @@ from .methods.miss import MissConfig, MissModel  # noqa: E402
 from .methods.fourierft import FourierFTConfig, FourierFTModel  # noqa: E402
 from .methods.randlora import RandLoraConfig, RandLoraModel  # noqa: E402
 from .peft_model import (  # noqa: E402
+    PeftMixedModel,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -49,7 +50,8 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "AdaLoraConfig", "AdaLoraModel", "orthogonal_regularization",
     "AdapterLayer", "AdapterModel", "BoneConfig", "BoneModel", "CheckpointError", "Delta", "FourierFTConfig", "FourierFTModel", "RandLoraConfig", "RandLoraModel", "ModulesToSaveWrapper",
-    "NoMatchingModuleError", "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+    "NoMatchingModuleError", "PeftConfig", "PeftMixedModel",
+    "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification", "TunerConfig", "UnsupportedModuleError", "get_peft_model",
     "get_peft_model_state_dict", "set_peft_model_state_dict",

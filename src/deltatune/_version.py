@@ -1,3 +1,13 @@
 """The package version, in a module of its own so that any layer can read it without importing the package."""
 
 __version__ = "0.1.0"
+
+# What a saved adapter_config.json records as ``peft_version``: the PEFT release whose format it is
+# written in, then the writer after "@" (PEFT parses only the part before "@", as for its own builds
+# from git), so PEFT's version checks see a real PEFT version and nothing warns on load.
+PEFT_FORMAT_VERSION = "0.21.2"
+BONE_FORMAT_VERSION = "0.18.1"  # the last PEFT release with Bone
+
+
+def peft_version_record(peft_release: str = PEFT_FORMAT_VERSION) -> str:
+    return f"{peft_release}@deltatune-{__version__}"

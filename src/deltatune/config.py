@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from ._version import __version__
+from ._version import peft_version_record
 from .core.registry import method_for
 from .io.files import atomic_write_text, resolve_local_dir
 
@@ -91,7 +91,7 @@ class PeftConfig:
                 )
             self.task_type = TaskType(task)
         if self.peft_version is None:
-            self.peft_version = __version__
+            self.peft_version = peft_version_record()
 
     @property
     def is_prompt_learning(self) -> bool:

@@ -36,13 +36,20 @@ class ModulesToSaveWrapper(Switchable, nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's list form of the active adapter (at most one for a modules_to_save copy)."""
+        return [self.active_adapter] if self.active_adapter is not None else []
+
     def is_empty(self) -> bool:
         return len(self.modules_to_save) == 0
 
     def _select(self, names: list[str]) -> None:
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
-            raise ValueError(f"Attempted to set multiple ({present}) adapters at once for modules_to_save.")
+            raise ValueError(
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper (modules_to_save), got {len(present)}: {present}"
+            )
         self.active_adapter = present[0] if present else None
 
     def _refresh_requires_grad(self) -> None:

@@ -33,14 +33,18 @@ def _is_wrapper(module: nn.Module) -> bool:
     return isinstance(module, AdapterLayer)
 
 
+_WRAPPED = ("base_model", "module", "_fsdp_wrapped_module", "_orig_mod")  # where wrappers keep the wrapped model
+
+
 def peel(model: Any) -> Iterator[nn.Module]:
     """``model`` and the modules its wrappers hold, outermost first: DDP, DeepSpeed and accelerate
-    (``.module``), ``torch.compile`` (``._orig_mod``), a PeftModel (``.base_model``)."""
+    (``.module``), FSDP1 (``._fsdp_wrapped_module``), ``torch.compile`` (``._orig_mod``), a PeftModel
+    (``.base_model``)."""
     seen = model
     for _ in range(8):
         yield seen
         children = getattr(seen, "__dict__", {}).get("_modules", {})
-        seen = next((children[k] for k in ("base_model", "module", "_orig_mod") if children.get(k) is not None), None)
+        seen = next((children[k] for k in _WRAPPED if children.get(k) is not None), None)
         if seen is None:
             return
 

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from .._version import BONE_FORMAT_VERSION, PEFT_FORMAT_VERSION
+
 def collapse_shared_tensors(
     tensors: dict[str, torch.Tensor], names: tuple[str, ...], prefix: str, keep: set[str]
 ) -> dict[str, torch.Tensor]:
@@ -95,7 +97,7 @@ def export_checkpoint(
     source = str(getattr(config["peft_type"], "value", config["peft_type"]))
     target = str(getattr(peft_format, "value", peft_format)).upper() if peft_format is not None else DEFAULT_FORMAT.get(source, source)
     if target == source:
-        return config, (_rename_block(tensors, target) if target in _BLOCK else tensors)
+        return _record_format(config, target), (_rename_block(tensors, target) if target in _BLOCK else tensors)
     if {source, target} != {"BONE", "MISS"}:
         raise ValueError(
             f"peft_format={peft_format!r} cannot be written for a {source} adapter: only Bone and MiSS adapters "
@@ -119,5 +121,14 @@ def export_checkpoint(
         for key in _MISS_ONLY_FIELDS:
             config.pop(key, None)
     config["peft_type"] = target
-    return config, _rename_block(tensors, target)
+    return _record_format(config, target), _rename_block(tensors, target)
+
+
+def _record_format(config: dict[str, Any], peft_type: str) -> dict[str, Any]:
+    """A config written by deltatune names the PEFT release of its format in ``peft_version``."""
+    version = str(config.get("peft_version", ""))
+    if "@deltatune-" not in version:  # a file from PEFT keeps what it says
+        return config
+    release = BONE_FORMAT_VERSION if peft_type == "BONE" else PEFT_FORMAT_VERSION
+    return {**config, "peft_version": release + version[version.index("@"):]}
 

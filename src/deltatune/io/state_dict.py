@@ -85,17 +85,14 @@ TUNER_ATTR = "_deltatune_tuner"
 def tuner_of(model: Any, caller: str = "get_peft_model_state_dict") -> tuple["AdapterModel", str]:
     """The tuner behind ``model`` (a PeftModel, a ``<Method>Model`` or a model changed by
     inject_adapter_in_model) and the prefix its checkpoint keys carry in that namespace."""
-    from ..core.tuner import AdapterModel
+    from ..core.tuner import AdapterModel, peel
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    if isinstance(model, AdapterModel):
-        return model, MODEL_PREFIX
-    base = model._modules.get("base_model") if isinstance(model, nn.Module) else None
-    if isinstance(base, AdapterModel):
-        return base, MODEL_PREFIX
-    tuner = getattr(model, "__dict__", {}).get(TUNER_ATTR)
-    if isinstance(tuner, AdapterModel):
-        return tuner, ""
+    for inner in peel(model):  # DDP / FSDP / accelerate / torch.compile wrappers, then a PeftModel's base_model
+        if isinstance(inner, AdapterModel):
+            return inner, MODEL_PREFIX
+        tuner = getattr(inner, "__dict__", {}).get(TUNER_ATTR)
+        if isinstance(tuner, AdapterModel):
+            return tuner, ""
     raise TypeError(
         f"{caller} needs a deltatune PeftModel, a <Method>Model or a model changed by inject_adapter_in_model; "
         f"got a {type(model).__name__} without adapters"

@@ -48,11 +48,15 @@ def check_lora_fields(config: Any) -> None:
     cls = type(config).__name__
     for name in [n for n in LORA_FIELDS if not _is_default(n, getattr(config, n))]:
         value = getattr(config, name)
-        if name in REFUSED:
-            raise ValueError(f"{cls}: {name}={value!r} is not supported: AdaLoRA has no DoRA, LoftQ or other LoRA "
-                             f"build option; leave it at {LORA_FIELDS[name][1]!r}")
-        warnings.warn(f"{cls} ignores {name}={value!r}: AdaLoRA does not use it (nor does PEFT's)"
-                      + ("; the initial rank of every module is `init_r`" if name == "r" else ""))
+        if name in REFUSED:  # PEFT's words first (its tests match them), then what to do
+            lead = {"use_dora": "ADALORA does not support DoRA. ", "loftq_config": "ADALORA does not support LOFTQ. "}
+            raise ValueError(f"{lead.get(name, '')}{cls}: {name}={value!r} is not supported: AdaLoRA has no DoRA, "
+                             f"LoftQ or other LoRA build option; leave it at {LORA_FIELDS[name][1]!r}")
+        if name == "r":
+            warnings.warn(f"Note that `r` is not used in AdaLora and will be ignored. {cls} ignores r={value!r}: the "
+                          f"initial rank of every module is `init_r` ({config.init_r})")
+        else:
+            warnings.warn(f"{cls} ignores {name}={value!r}: AdaLoRA does not use it (nor does PEFT's)")
 
 
 def without_default_lora_fields(data: dict[str, Any]) -> dict[str, Any]:

@@ -124,8 +124,9 @@ class MissModel(AdapterModel):
 
     def make_delta(self, config: MissConfig, adapter_name: str, base_layer: nn.Module, spec: LayerSpec, key: str) -> Delta:
         r, out_f, in_f = config.r, spec.out_features, spec.in_features
-        # PEFT 0.21.2 refuses r > in_features; Bone (PEFT 0.18.1) allowed it (the input is zero-padded to
-        # r), and a Bone adapter written as MiSS must load here, so it is allowed
+        # as PEFT 0.21.2 (Bone allowed r > in_features; such Bone adapters are saved in Bone's format)
+        if r > in_f:
+            raise ValueError(f"`r` ({r}) must be less than or equal to in_features ({in_f}): module '{key}'")
         if config.init_weights == "bat":
             if in_f % r or out_f % r:
                 raise ValueError(
