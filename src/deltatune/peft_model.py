@@ -155,7 +155,7 @@ class PeftModel(nn.Module):
     # ------------------------------------------------------------------ plumbing
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)  # not super(): PeftMixedModel borrows this method
         except AttributeError:
             if name == "base_model":
                 raise
@@ -533,14 +533,7 @@ class PeftMixedModel(nn.Module):
         if cfg is not None and hasattr(cfg, "pretraining_tp"):
             cfg.pretraining_tp = 1
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
+    __getattr__ = PeftModel.__getattr__
     get_nb_trainable_parameters = PeftModel.get_nb_trainable_parameters
     print_trainable_parameters = PeftModel.print_trainable_parameters
     get_base_model = PeftModel.get_base_model
