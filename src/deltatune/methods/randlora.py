@@ -165,7 +165,7 @@ class RandLoraModel(AdapterModel):
                     )
 
     def before_inject(self, model: nn.Module, config: RandLoraConfig, adapter_name: str, targets: list[str]) -> None:
-        shapes = []
+        shapes, dtypes = [], []
         for key in targets:
             module = model.get_submodule(key)
             module = getattr(module, "base_layer", module)
@@ -174,6 +174,7 @@ class RandLoraModel(AdapterModel):
             except TypeError:
                 continue
             shapes.append((spec.in_features, spec.out_features))
+            dtypes.append(self._adapter_dtype(module.weight.dtype))
         if not shapes:
             raise ValueError("No layers types compatible with RandLora were found. Please check `peft_config.target_modules`.")
         d_max, d_min = basis_dims(shapes)
@@ -191,12 +192,14 @@ class RandLoraModel(AdapterModel):
                     f"randlora_A has a size of {a.shape[2]} but {d_min} or greater is required for adapter "
                     f"'{adapter_name}'. Loading the adapters in reverse order may solve this."
                 )
-            self._holders[adapter_name] = shared
-            return
-        devices = [p.device for p in model.parameters()]
-        device = next((d for d in devices if d.type != "meta"), devices[0] if devices else torch.device("cpu"))
-        draw = functools.partial(make_bases, config.r, d_max, d_min, config.projection_prng_key, config.sparse, config.very_sparse)
-        self._holders[adapter_name] = _Bases(draw, config.save_projection).to(device)
+            holder = self._holders[adapter_name] = shared
+        else:
+            devices = [p.device for p in model.parameters()]
+            device = next((d for d in devices if d.type != "meta"), devices[0] if devices else torch.device("cpu"))
+            draw = functools.partial(make_bases, config.r, d_max, d_min, config.projection_prng_key, config.sparse, config.very_sparse)
+            holder = self._holders[adapter_name] = _Bases(draw, config.save_projection).to(device)
+        if holder.randlora_A.device.type != "meta" and holder.randlora_A.dtype != dtypes[0]:
+            holder.to(dtype=dtypes[0])  # the bases follow the adapters' float dtype (fp32 by default)
 
     def after_delete(self, adapter_name: str) -> None:
         if adapter_name in self._holders:
@@ -205,13 +208,6 @@ class RandLoraModel(AdapterModel):
     def make_delta(self, config: RandLoraConfig, adapter_name: str, base_layer: nn.Module, spec: LayerSpec, key: str) -> Delta:
         scaling = config.randlora_alpha / config.r
         return RandLoraDelta(spec, self._holders[adapter_name], config.r, scaling, config.randlora_dropout, config.init_weights)
-
-    def _place(self, delta: Delta, base_layer: nn.Module) -> None:
-        super()._place(delta, base_layer)
-        dtype = delta.randlora_lambda.dtype  # the bases follow the adapter's float dtype (fp32 by default)
-        for holder in self._holders.values():
-            if holder.randlora_A.dtype != dtype and dtype.is_floating_point and holder.randlora_A.device.type != "meta":
-                holder.to(dtype=dtype)
 
     # ---------------------------------------------------------------- checkpoints
     shared_tensor_names = BASE_KEYS
