@@ -60,7 +60,7 @@ def _register_all_methods() -> list[str]:
 
 PEFT_TYPES = _register_all_methods()
 # small sizes that fit the test MLP (lin0 10→20, lin1 20→8); a new method works with {} or gets a line
-SMALL = {"ADALORA": {"total_step": 10, "init_r": 4, "target_r": 2}, "BONE": {"r": 2}, "FOURIERFT": {"n_frequency": 8}, "RANDLORA": {"r": 4}}
+SMALL = {"ADALORA": {"total_step": 10, "init_r": 4, "target_r": 2}, "BONE": {"r": 2}, "MISS": {"r": 2}, "FOURIERFT": {"n_frequency": 8}, "RANDLORA": {"r": 4}}
 
 
 def baseline(peft_type: str) -> dict:
