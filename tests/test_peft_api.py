@@ -299,3 +299,28 @@ def test_adding_a_frozen_adapter_keeps_the_others_trainable(method, tmp_path):
         trainable[lib.__name__] = {a for a in ("default", "other", "opposite")
                                    if any(f".{a}" in n for n, p in model.named_parameters() if p.requires_grad)}
     assert trainable["deltatune"] == trainable["peft"] == {"default", "other"}
+
+
+@pytest.mark.parametrize("bias", ["all", "fourierft_only"])
+def test_set_state_dict_loads_base_biases_it_holds_as_peft_does(bias):
+    """A state dict saved with trained biases loads them into a model whose config trains none, in
+    both libraries (PEFT loads every key that names a model tensor)."""
+    from models import MLP, mlp_input
+
+    x, results = mlp_input(), {}
+    for lib in (dt, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(MLP(), lib.FourierFTConfig(n_frequency=8, target_modules=["lin0"], bias=bias,
+                                                              init_weights=False)).eval()
+        with torch.no_grad():
+            model.base_model.model.lin0.base_layer.bias.fill_(1.23)
+            if bias == "all":  # every bias trains (and is saved); with "_only" those of adapted layers
+                model.base_model.model.lin1.bias.fill_(-0.5)
+        before = model(x)
+        state = lib.get_peft_model_state_dict(model)
+        torch.manual_seed(0)
+        fresh = lib.get_peft_model(MLP(), lib.FourierFTConfig(n_frequency=8, target_modules=["lin0"])).eval()
+        assert not torch.allclose(fresh(x), before)
+        result = lib.set_peft_model_state_dict(fresh, state)
+        results[lib.__name__] = (torch.allclose(fresh(x), before), sorted(result.unexpected_keys))
+    assert results["deltatune"] == results["peft"] == (True, [])

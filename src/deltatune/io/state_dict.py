@@ -71,6 +71,23 @@ def bias_slots(tuner: "AdapterModel", adapter_name: str) -> Slots:
     return slots
 
 
+def _base_bias_slots(tuner: "AdapterModel", keys: set[str]) -> Slots:
+    """The checkpoint keys among ``keys`` that name a bias of the base model."""
+    slots: Slots = {}
+    for key in keys:
+        name = key[len(MODEL_PREFIX):]
+        owner_path, _, attr = name.rpartition(".")
+        if not key.startswith(MODEL_PREFIX) or attr != "bias" or is_adapter_parameter(name):
+            continue
+        try:
+            owner = tuner.model.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        if isinstance(owner._parameters.get("bias"), nn.Parameter):
+            slots[key] = (owner, "bias")
+    return slots
+
+
 class LoadResult(NamedTuple):
     """What :func:`set_peft_model_state_dict` did not load, as checkpoint keys."""
 
@@ -212,6 +229,8 @@ def load_adapter_state(
     )
     tuner.before_load(adapter_name)
     slots = adapter_slots(tuner, adapter_name)
+    if not strict:  # as PEFT's set_peft_model_state_dict: base biases in the dict load even if the config trains none
+        slots.update(_base_bias_slots(tuner, set(state_dict) - set(slots)))
     unexpected = sorted(set(state_dict) - set(slots))
     missing = sorted(set(slots) - set(state_dict))
     # PEFT saves trained biases only for LoRA-family methods: its Bone/FourierFT/RandLoRA files lack them
