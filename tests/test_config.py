@@ -55,7 +55,7 @@ def test_bad_config_files_get_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="is not valid JSON"):
         dt.PeftConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
-    with pytest.raises(ValueError, match="no `peft_type`"):
+    with pytest.raises(ValueError, match=r"missing required keys: \{'peft_type'\}"):
         dt.PeftConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ValueError, match="Unknown peft_type 'LORA'"):

@@ -52,7 +52,7 @@ def test_config_files_as_peft(tmp_path):
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     del data["peft_type"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="has no `peft_type` key"):
+    with pytest.raises(TypeError, match=r"The MissConfig config that is trying to be loaded is missing required keys: \{'peft_type'\}"):
         dt.MissConfig.from_pretrained(tmp_path)
     config = dt.get_peft_config({"peft_type": "FOURIERFT", "n_frequency": 7})
     assert isinstance(config, dt.FourierFTConfig) and config.n_frequency == 7

@@ -423,7 +423,7 @@ BAD_INPUTS = [
     ("config-invalid-json", _write("adapter_config.json", "{not json"), ValueError, "is not valid JSON"),
     ("config-deeply-nested", _write("adapter_config.json", "[" * 100000 + "]" * 100000), ValueError, "is not valid JSON"),
     ("config-not-an-object", _write("adapter_config.json", "[1, 2]"), ValueError, "must hold a JSON object, got list"),
-    ("no-peft-type", _edit_config(peft_type=_DROP), ValueError, "has no `peft_type` key"),
+    ("no-peft-type", _edit_config(peft_type=_DROP), ValueError, "missing required keys: \\{'peft_type'\\}"),
     ("unknown-peft-type", _edit_config(peft_type="LORA"), ValueError, "Unknown peft_type 'LORA'; deltatune supports"),
     ("peft-type-not-a-string", _edit_config(peft_type=7), ValueError, "Unknown peft_type '7'"),
     ("r-is-a-string", _edit_config(r="2"), ValueError, r"BoneConfig: `r` must be an int, got '2' \(str\)"),

@@ -62,6 +62,11 @@ TaskType.__doc__ = "The task a model is tuned for (PEFT's ``TaskType``); it pick
 
 TASK_TYPES = tuple(t.value for t in TaskType)
 
+class MissingConfigKeysError(TypeError, ValueError):
+    """An adapter_config.json without the keys every config needs (PEFT raises a TypeError; a
+    ValueError too, as for every other unusable file here)."""
+
+
 @dataclass
 class PeftConfig:
     """Fields common to every adapter config (PEFT's ``PeftConfig``)."""
@@ -163,7 +168,10 @@ class PeftConfig:
         data = cls.from_json_file(path_json_file)
         data.update(kwargs)
         if "peft_type" not in data:
-            raise ValueError(f"Adapter config {path_json_file} has no `peft_type` key")
+            raise MissingConfigKeysError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"(file: {path_json_file})"
+            )
         config_cls = config_class_for(data["peft_type"])
         if cls.PEFT_TYPE and not issubclass(config_cls, cls):
             raise ValueError(
