@@ -92,6 +92,7 @@ class AdapterModel(nn.Module):
     """Base of every ``<Method>Model``. Construct as PEFT documents: ``BoneModel(model, config, "default")``."""
 
     prefix: ClassVar[str] = ""
+    uses_shared_state: ClassVar[bool] = False  # PEFT's flag for methods inject_adapter_in_model refuses; none here
     config_cls: ClassVar[type[TunerConfig]] = TunerConfig
     default_targets: ClassVar[dict[str, Any]] = DEFAULT_TARGETS
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
