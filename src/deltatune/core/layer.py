@@ -45,6 +45,8 @@ class LayerSpec:
     out_features: int
     weight_shape: tuple[int, ...]  # of the float weight (a quantized weight may be stored packed)
     quantized: Optional[str] = None  # the quantization scheme's name (core.precision.SCHEMES)
+    # a Conv2d's stride, padding, dilation, groups, padding_mode and its padding for F.pad
+    conv: Optional[tuple] = None
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -63,8 +65,19 @@ class LayerSpec:
             rows, cols = shape()  # Conv1D stores (in, out)
             return LayerSpec("conv1d", rows, cols, shape())
         if isinstance(module, nn.Conv2d):
-            return LayerSpec("conv2d", module.in_channels, module.out_channels, shape())
+            conv = (module.stride, module.padding, module.dilation, module.groups, module.padding_mode,
+                    tuple(module._reversed_padding_repeated_twice))
+            return LayerSpec("conv2d", module.in_channels, module.out_channels, shape(), conv=conv)
         raise TypeError(f"{type(module).__name__} is not a layer type deltatune adapts")
+
+
+    def conv2d(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x`` convolved with ``weight`` (out, in/groups, kh, kw) the way the wrapped Conv2d convolves
+        (its stride, padding, dilation, groups and padding mode), without bias: x·ΔWᵀ for a Conv2d."""
+        stride, padding, dilation, groups, padding_mode, reversed_padding = self.conv
+        if padding_mode != "zeros":
+            x, padding = F.pad(x, reversed_padding, mode=padding_mode), 0
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
 class DerivedBuffers(nn.Module):

@@ -20,7 +20,6 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -97,8 +96,7 @@ class AdaLoraConfig(LoraFields):
 class SVDDelta(Delta):
     """ΔW = B · (A ⊙ E) · α / (ranknum + 1e-5) on one Linear, Conv1D or Conv2d layer."""
 
-    def __init__(self, spec: LayerSpec, r: int, lora_alpha: float, dropout: float, init_weights: bool,
-                 conv: Optional[nn.Conv2d] = None) -> None:
+    def __init__(self, spec: LayerSpec, r: int, lora_alpha: float, dropout: float, init_weights: bool) -> None:
         super().__init__(spec)
         width = math.prod(spec.weight_shape[1:]) if spec.kind == "conv2d" else spec.in_features
         # drawn in PEFT's order (A, E, B, then ranknum's discarded initial value): one seed gives PEFT's weights
@@ -111,9 +109,6 @@ class SVDDelta(Delta):
         self.r = r
         self.scaling = float(lora_alpha) if lora_alpha > 0 else float(r)
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        # a Conv2d's geometry, so that x·ΔW runs as the base layer's own convolution (torch's _conv_forward)
-        self.conv = None if conv is None else SimpleNamespace(**{k: getattr(conv, k) for k in (
-            "stride", "padding", "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice")})
         if init_weights:
             nn.init.zeros_(self.lora_E)  # ΔW = 0: identity at init
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
@@ -126,14 +121,13 @@ class SVDDelta(Delta):
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
         # the scale rides on the (r, in) factor: no extra pass over the (tokens, out) output
         a = self.lora_A * (self.lora_E * (self.scaling / (self.ranknum + 1e-5)))  # (r, in)
-        if self.conv is None and isinstance(self.lora_dropout, nn.Identity) and not _device.cache_sized(x.device):
+        if self.spec.kind != "conv2d" and isinstance(self.lora_dropout, nn.Identity) and not _device.cache_sized(x.device):
             # accelerators: the backward keeps x as it came (bf16), not an fp32 copy (methods/_device.py)
             return F.linear(_device.upcast_linear(x, a), self.lora_B)
         x = self.lora_dropout(x.to(self.lora_A.dtype))
-        if self.conv is None:
+        if self.spec.kind != "conv2d":
             return F.linear(F.linear(x, a), self.lora_B)  # (..., r) -> (..., out)
-        weight = (self.lora_B @ a).reshape(self.spec.weight_shape)  # (out, in/groups, kh, kw)
-        return nn.Conv2d._conv_forward(self.conv, x, weight, None)
+        return self.spec.conv2d(x, (self.lora_B @ a).reshape(self.spec.weight_shape))  # ΔW: (out, in/groups, kh, kw)
 
     def keep_ranks(self, keep: list[bool]) -> None:
         """Shrink A, E, B to the ranks flagged True (PEFT's resize before loading a pruned checkpoint)."""
@@ -168,8 +162,7 @@ class AdaLoraModel(AdapterModel):
         if config.fan_in_fan_out and spec.kind != "conv1d":
             warnings.warn(f"fan_in_fan_out is set to True but the target module '{key}' is a {type(base_layer).__name__}; "
                           "it is ignored (the layout follows the layer type).")
-        conv = base_layer if spec.kind == "conv2d" else None
-        return SVDDelta(spec, config.init_r, config.lora_alpha, config.lora_dropout, bool(config.init_lora_weights), conv)
+        return SVDDelta(spec, config.init_r, config.lora_alpha, config.lora_dropout, bool(config.init_lora_weights))
 
     def check_new_adapter(self, config: AdaLoraConfig, adapter_name: str) -> None:
         if config.inference_mode:
