@@ -20,7 +20,7 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from worker_loop import run_all  # noqa: E402
+from worker_loop import run_all, save_counting_writes  # noqa: E402
 
 STEPS = 4  # optimizer steps per case: AdaLoRA (total_step=10 in its cases) prunes from step 0
 DEVICE = os.environ.get("DELTATUNE_DIST_DEVICE", "cpu")  # "cuda": NCCL, one GPU per rank
@@ -134,22 +134,8 @@ def run_case(case, mode, out_dir, ddp_reference):
             info["merge_error"] = f"{type(exc).__name__}: {exc}"
 
     # save once (rank 0), load everywhere, compare outputs in eval mode
-    writes = []
-    original = dt.PeftModel.save_pretrained
-
-    def counting(self, save_directory, *a, is_main_process=True, **kw):
-        if is_main_process:  # a call that writes files
-            writes.append(os.path.basename(str(save_directory)))
-        return original(self, save_directory, *a, is_main_process=is_main_process, **kw)
-
-    dt.PeftModel.save_pretrained = counting
-    try:
-        folder = os.path.join(out_dir, mode, case.id)
-        info["wrote"] = dd.save_on_main(wrapped, folder)
-    finally:
-        dt.PeftModel.save_pretrained = original
-    info["files"] = sorted(os.listdir(folder))
-    info["writes"] = writes
+    folder = os.path.join(out_dir, mode, case.id)
+    info.update(save_counting_writes(wrapped, folder))
     model.eval()
     with torch.no_grad():
         trained = out_of(wrapped, inputs).float()

@@ -31,7 +31,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from worker_loop import run_all  # noqa: E402
+from worker_loop import run_all, save_counting_writes  # noqa: E402
 
 STEPS = 3
 MODES = ("zero2", "zero2_accum", "zero3_init", "zero3_after")
@@ -232,22 +232,8 @@ def run_case(case, mode: str, out_dir: str) -> dict:
         info["pruned_max_abs"] = pruned
 
     # save once (rank 0), load everywhere into a plain model, compare outputs in eval mode
-    writes = []
-    original = dt.PeftModel.save_pretrained
-
-    def counting(self, save_directory, *a, is_main_process=True, **kw):
-        if is_main_process:
-            writes.append(os.path.basename(str(save_directory)))
-        return original(self, save_directory, *a, is_main_process=is_main_process, **kw)
-
-    dt.PeftModel.save_pretrained = counting
-    try:
-        folder = os.path.join(out_dir, mode, case.id)
-        info["wrote"] = dd.save_on_main(engine, folder)
-    finally:
-        dt.PeftModel.save_pretrained = original
-    info["files"] = sorted(os.listdir(folder))
-    info["writes"] = writes
+    folder = os.path.join(out_dir, mode, case.id)
+    info.update(save_counting_writes(engine, folder))
     engine.eval()
     with torch.no_grad():
         trained = engine(**inputs).logits.float()

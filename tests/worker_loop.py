@@ -52,3 +52,25 @@ def run_all(modes, cases_for, run_case, out_dir: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def save_counting_writes(model, folder: str) -> dict:
+    """``save_on_main(model, folder)`` while counting the ``PeftModel.save_pretrained`` calls that write
+    files on this rank: ``{"wrote": ..., "files": [...], "writes": [folder names written]}``."""
+    import deltatune as dt
+    from deltatune.integrations.distributed import save_on_main
+
+    writes: list[str] = []
+    original = dt.PeftModel.save_pretrained
+
+    def counting(self, save_directory, *a, is_main_process=True, **kw):
+        if is_main_process:  # a call that writes files
+            writes.append(os.path.basename(str(save_directory)))
+        return original(self, save_directory, *a, is_main_process=is_main_process, **kw)
+
+    dt.PeftModel.save_pretrained = counting
+    try:
+        wrote = save_on_main(model, folder)
+    finally:
+        dt.PeftModel.save_pretrained = original
+    return {"wrote": wrote, "files": sorted(os.listdir(folder)), "writes": writes}
