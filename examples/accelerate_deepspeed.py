@@ -40,7 +40,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accelerate_train import CONFIGS, build_model, counting_sequences  # noqa: E402  (one config table for both examples)
+from accelerate_train import CONFIGS, build_model, counting_sequences, training_parser  # noqa: E402  (shared with that example)
 
 import deltatune as dt  # noqa: E402
 from deltatune.integrations.deepspeed import attach_adalora  # noqa: E402
@@ -75,17 +75,10 @@ def zero_init(config: dict, model: str | None = None):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=sorted(CONFIGS), default="bone")
-    p.add_argument("--model", default=None, help="a pretrained causal LM (default: a tiny random Llama)")
+    p = training_parser(__doc__, steps=10, batch_size=4,
+                        cpu_help="DeepSpeed's CPU accelerator with gloo (set DS_ACCELERATOR=cpu)")
     p.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage")
     p.add_argument("--zero-init", action="store_true", help="build base and adapter inside deepspeed.zero.Init (ZeRO-3)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=4, help="per process")
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true", help="DeepSpeed's CPU accelerator with gloo (set DS_ACCELERATOR=cpu)")
-    p.add_argument("--output", required=True)
     return p.parse_args(argv)
 
 

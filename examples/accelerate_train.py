@@ -78,17 +78,22 @@ def counting_sequences(n: int, length: int, vocab: int, seed: int = 0) -> torch.
     return (start + step * torch.arange(length)) % vocab  # (n, length)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_parser(doc: str, steps: int, batch_size: int, cpu_help: str) -> argparse.ArgumentParser:
+    """The options both accelerate examples take (method, model, schedule, output)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=sorted(CONFIGS), default="bone")
     p.add_argument("--model", default=None, help="a pretrained causal LM (default: a tiny random Llama)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=8, help="per process")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="per process")
     p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true", help="train on CPU (gloo between processes)")
+    p.add_argument("--cpu", action="store_true", help=cpu_help)
     p.add_argument("--output", required=True)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return training_parser(__doc__, steps=20, batch_size=8, cpu_help="train on CPU (gloo between processes)").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
