@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import math
 import os
@@ -86,15 +87,26 @@ IDENTITY_AT_INIT = {"fourierft": False, "randlora": True, "adalora": True, "bone
 
 
 class Lib:
-    """What the checks need from one library: build, live trainable tensors, reload, rank pattern."""
+    """What the checks need from one library: build, live trainable tensors, reload, rank pattern.
+    ``name`` is the library's module (deltatune or peft); ``side`` picks its config from ``method_configs``."""
 
     name = ""
+    side = 0
 
     def __init__(self, base) -> None:
         self.base = base
+        self.module = importlib.import_module(self.name)
 
     def fresh_base(self):
         return copy.deepcopy(self.base)  # keeps lm_head tied to embed_tokens
+
+    def make(self, method: str, total_step: int):
+        config = method_configs(method, total_step)[self.side]
+        torch.manual_seed(0)
+        return self.module.get_peft_model(self.fresh_base(), config)
+
+    def reload(self, folder):
+        return self.module.PeftModel.from_pretrained(self.fresh_base(), str(folder))
 
     def live(self, model) -> dict:
         return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -106,19 +118,7 @@ class Lib:
 
 
 class Deltatune(Lib):
-    name = "deltatune"
-
-    def make(self, method: str, total_step: int):
-        import deltatune as dt
-
-        config = method_configs(method, total_step)[0]
-        torch.manual_seed(0)
-        return dt.get_peft_model(self.fresh_base(), config)
-
-    def reload(self, folder):
-        import deltatune as dt
-
-        return dt.PeftModel.from_pretrained(self.fresh_base(), str(folder))
+    name, side = "deltatune", 0
 
     def callbacks(self, method: str) -> list:
         from deltatune.integrations.transformers import AdaLoraCallback
@@ -127,19 +127,7 @@ class Deltatune(Lib):
 
 
 class Peft(Lib):
-    name = "peft"
-
-    def make(self, method: str, total_step: int):
-        import peft
-
-        config = method_configs(method, total_step)[1]
-        torch.manual_seed(0)
-        return peft.get_peft_model(self.fresh_base(), config)
-
-    def reload(self, folder):
-        import peft
-
-        return peft.PeftModel.from_pretrained(self.fresh_base(), str(folder))
+    name, side = "peft", 1
 
     def callbacks(self, method: str) -> list:
         return [PeftAdaLoraStep()] if method == "adalora" else []
