@@ -145,10 +145,10 @@ class AdapterModel(nn.Module):
         """Model-level tensors ``adapter_name`` saves (not under a layer): ``{name: (owner module, attribute)}``."""
         return {}
 
-    def fragment_for_save(self, path: str, fragment: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        """What the checkpoint holds for module ``path`` of ``adapter_name``, given its live tensors
-        ``{name: tensor}`` (AdaLoRA slices pruned ranks away)."""
-        return fragment
+    def fragments_for_save(self, fragments: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """What the checkpoint holds for ``adapter_name``, given each module's live tensors
+        ``{module path: {name: tensor}}`` (AdaLoRA slices pruned ranks away)."""
+        return fragments
 
     def before_load(self, adapter_name: str) -> None:
         """Make ``adapter_name``'s modules fit what its config says the checkpoint holds (AdaLoRA's ranks)."""

@@ -165,18 +165,14 @@ def get_peft_model_state_dict(
 
 
 def _fragments_for_save(tuner: "AdapterModel", state: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-    """``state`` after the method's per-module save hook (``fragment_for_save``)."""
+    """``state`` after the method's save hook, which sees ``{module path: {tensor name: tensor}}``."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if key.startswith(MODEL_PREFIX):
             path, _, name = key[len(MODEL_PREFIX):].rpartition(".")
             modules.setdefault(path, {})[name] = tensor
-    out = dict(state)
-    for path, fragment in modules.items():
-        saved = tuner.fragment_for_save(path, fragment, adapter_name)
-        if saved is not fragment:
-            out.update({f"{MODEL_PREFIX}{path}.{name}": tensor for name, tensor in saved.items()})
-    return out
+    saved = tuner.fragments_for_save(modules, adapter_name)
+    return {**state, **{f"{MODEL_PREFIX}{path}.{name}": t for path, frag in saved.items() for name, t in frag.items()}}
 
 
 def _memory_names(model: nn.Module) -> dict[tuple[int, str], str]:

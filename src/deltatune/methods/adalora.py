@@ -176,10 +176,10 @@ class AdaLoraModel(AdapterModel):
         self._deltas.pop(adapter_name, None)
         self.allocation.reset()
 
-    def fragment_for_save(self, path: str, fragment: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
-        """Slice A/E/B to the kept ranks of ``rank_pattern`` (where the module still has more)."""
-        flags = self._pattern(adapter_name).get(path)
-        return fragment if flags is None else slice_ranks(fragment, flags, path)
+    def fragments_for_save(self, fragments: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Slice A/E/B to the kept ranks of ``rank_pattern`` (where a module still has more)."""
+        pattern = self._pattern(adapter_name)
+        return {path: slice_ranks(f, pattern[path], path) if path in pattern else f for path, f in fragments.items()}
 
     def before_load(self, adapter_name: str) -> None:
         """Resize the adapter's modules to the kept ranks of its ``rank_pattern`` (ranknum stays init_r)."""
