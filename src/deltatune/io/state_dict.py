@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from ..core.layer import AdapterLayer, is_adapter_parameter
 from ..core.modules_to_save import ModulesToSaveWrapper
+from ..core.tuner import AdapterModel, peel
 from .files import CheckpointError
 from .formats import collapse_shared_tensors, default_tensor_format, native_tensor_names
-
-if TYPE_CHECKING:
-    from ..core.tuner import AdapterModel
 
 MODEL_PREFIX = "base_model.model."  # a module's tensors: base_model.model.<path>.<name>
 MODEL_LEVEL_PREFIX = "base_model."  # model-level tensors: base_model.<name>
@@ -102,8 +100,6 @@ TUNER_ATTR = "_deltatune_tuner"
 def tuner_of(model: Any, caller: str = "get_peft_model_state_dict") -> tuple["AdapterModel", str]:
     """The tuner behind ``model`` (a PeftModel, a ``<Method>Model`` or a model changed by
     inject_adapter_in_model) and the prefix its checkpoint keys carry in that namespace."""
-    from ..core.tuner import AdapterModel, peel
-
     for inner in peel(model):  # DDP / FSDP / accelerate / torch.compile wrappers, then a PeftModel's base_model
         if isinstance(inner, AdapterModel):
             return inner, MODEL_PREFIX
