@@ -7,7 +7,4 @@ __version__ = "0.1.0"
 # from git), so PEFT's version checks see a real PEFT version and nothing warns on load.
 PEFT_FORMAT_VERSION = "0.21.2"
 BONE_FORMAT_VERSION = "0.18.1"  # the last PEFT release with Bone
-
-
-def peft_version_record(peft_release: str = PEFT_FORMAT_VERSION) -> str:
-    return f"{peft_release}@deltatune-{__version__}"
+PEFT_VERSION_RECORD = f"{PEFT_FORMAT_VERSION}@deltatune-{__version__}"

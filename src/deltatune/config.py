@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from ._version import peft_version_record
+from ._version import PEFT_VERSION_RECORD
 from .core.registry import method_for
 from .io.files import atomic_write_text, resolve_local_dir
 
@@ -96,7 +96,7 @@ class PeftConfig:
                 )
             self.task_type = TaskType(task)
         if self.peft_version is None:
-            self.peft_version = peft_version_record()
+            self.peft_version = PEFT_VERSION_RECORD
 
     @property
     def is_prompt_learning(self) -> bool:
